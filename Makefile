@@ -1,0 +1,42 @@
+# The two commands: `make serve` and `make test`. Everything else here serves them.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# The paged engine's torch. On Linux dev machines this resolves to a CPU build where one is
+# on local disk; override with TORCH='torch' (or a CUDA wheel) on GPU nodes.
+TORCH  ?= torch==2.13.0
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+MODEL  ?= smollm2-135m
+
+.PHONY: serve test install install-dev pull clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# llama-cpp-python compiles from source (minutes); pip's wheel cache keeps the build.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e '.[paged,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+pull: install
+	$(VENV)/bin/turnout pull $(MODEL)
+
+serve: pull
+	$(VENV)/bin/turnout serve --host $(HOST) --port $(PORT)
+
+test: install-dev pull
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info

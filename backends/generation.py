@@ -1,0 +1,64 @@
+"""Engine-level request and output types shared by the in-process backends.
+
+The OpenAI-facing adapter (`backends.local.LocalBackend`) turns wire requests into a
+`GenerationRequest`; an engine turns that into a stream of `GenerationDelta`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop. Defaults are OpenAI's."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
+    json_mode: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate, already tokenized."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    priority: int = 0  # lower runs first (0: interactive, 1: batch)
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the top alternatives."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationDelta:
+    """New output since the previous delta. Text never contains (part of) a stop string."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" once the sequence is done
+    logprobs: list[TokenLogprob] | None = None

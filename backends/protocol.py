@@ -1,0 +1,399 @@
+"""The one contract: OpenAI wire types, the Backend protocol, LoadReport and backend errors.
+
+Everything that produces tokens (in-process runners, the paged engine, remote servers)
+implements `Backend`; the gateway only ever talks to this module's types.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    # OpenAI ignores fields it does not know; strict so that "0.5" is not a float and
+    # "yes" is not a bool (OpenAI rejects both).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object"] = "text"
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+StopList = str | Annotated[list[str], Field(max_length=4)]
+
+
+class _SamplingFields(_Request):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1)
+    stop: StopList | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None
+    # vLLM / llama.cpp extensions that OpenAI-compatible servers accept.
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    ignore_eos: bool | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return v
+
+    def stop_list(self) -> list[str]:
+        """`stop` normalised to a list of non-empty strings."""
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+    def wants_usage_chunk(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def output_limit(self) -> int | None:
+        """max_completion_tokens wins over the deprecated max_tokens, as in OpenAI."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise ValueError("only one prompt per request is supported")
+        if isinstance(p, list) and not p:
+            raise ValueError("prompt must not be empty")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt, as text or token ids."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            return p[0]  # type: ignore[return-value]
+        return p  # type: ignore[return-value]
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+# ---------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob] | None = None
+
+
+class ResponseMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
+
+
+class ChatChoice(_Response):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class ChatCompletion(_Response):
+    id: str = Field(default_factory=lambda: _new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChunkDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Response):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(_Response):
+    id: str = Field(default_factory=lambda: _new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "turnout"
+    # turnout extensions, ignored by OpenAI clients.
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------
+# Errors a backend may raise; the gateway turns each into an OpenAI error body.
+# ---------------------------------------------------------------------------
+
+
+class BackendError(Exception):
+    """An error with an HTTP status and OpenAI's error fields."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(BackendError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(BackendError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Overloaded(BackendError):
+    """The backend cannot take the request now; the client should retry later (503)."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamError(BackendError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+# ---------------------------------------------------------------------------
+# Load reports and the Backend protocol
+# ---------------------------------------------------------------------------
+
+# The LoadReport fields carried as ORCA named metrics, by their header names.
+_ORCA_FIELDS = {
+    "kv_usage": float,
+    "kv_free_blocks": int,
+    "block_size": int,
+    "running": int,
+    "waiting": int,
+    "max_running": int,
+    "prefix_cache_hit_rate": float,
+    "healthy": int,
+}
+
+
+@dataclass
+class LoadReport:
+    """A backend's load as routers see it. kv_* are 0 for backends without a paged cache."""
+
+    kv_usage: float = 0.0
+    kv_free_blocks: int = 0
+    block_size: int = 0
+    running: int = 0
+    waiting: int = 0
+    max_running: int = 1
+    prefix_cache_hit_rate: float = 0.0
+    healthy: bool = True
+    timestamp: float = field(default_factory=time.time)
+
+    def to_header(self) -> str:
+        """Envoy ORCA text form for the `endpoint-load-metrics` response header."""
+        values = asdict(self)
+        parts = [f"named_metrics.{name}={float(values[name]):g}" for name in _ORCA_FIELDS]
+        return "TEXT " + ", ".join(parts)
+
+    @classmethod
+    def from_header(cls, header: str) -> LoadReport:
+        """Parse `to_header`'s output (unknown metrics are ignored)."""
+        body = header.removeprefix("TEXT").strip()
+        kwargs: dict[str, Any] = {}
+        for item in body.split(","):
+            key, _, value = item.strip().partition("=")
+            name = key.removeprefix("named_metrics.")
+            if name in _ORCA_FIELDS and value:
+                kwargs[name] = _ORCA_FIELDS[name](float(value))
+        if "healthy" in kwargs:
+            kwargs["healthy"] = bool(kwargs["healthy"])
+        return cls(**kwargs)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the gateway needs of anything that produces tokens."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Load models / open connections. Called once before the first request."""
+
+    async def close(self) -> None:
+        """Release everything; in-flight requests are cancelled."""
+
+    def models(self) -> list[ModelCard]:
+        """The models this backend serves, by the ids clients use."""
+
+    def load(self) -> LoadReport:
+        """A current load report (cheap; called per request by routers)."""
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletion: ...
+
+    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]: ...
+
+    async def completion(self, request: CompletionRequest) -> Completion: ...
+
+    def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]: ...

@@ -1,0 +1,98 @@
+"""OpenAI-shaped error responses for every error path of the gateway."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backends.protocol import BackendError, Overloaded
+
+log = logging.getLogger("turnout.errors")
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """A JSON response with OpenAI's error body."""
+    body = {
+        "error": {
+            "message": message,
+            "type": type or _TYPE_BY_STATUS.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def backend_error_response(exc: BackendError) -> JSONResponse:
+    """The response for an error a backend raised (503s carry Retry-After)."""
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The first validation error as OpenAI words it: a message and the offending param."""
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return f"We could not parse the JSON body of your request: {err.get('ctx', {}).get('error', err['msg'])}", None
+    param = ".".join(loc) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err.get("type") == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if param is None:
+        return f"Invalid request body: {msg}", None
+    return f"Invalid value for '{param}': {msg}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception the app can raise to an OpenAI error body."""
+
+    @app.exception_handler(BackendError)
+    async def _backend(_: Request, exc: BackendError) -> JSONResponse:
+        return backend_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(list(exc.errors()))
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = "Unknown request URL. Please check the URL and method."
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        # This handler runs outside the request-id middleware, so it sets the header itself.
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        return error_response(
+            500, "The server had an error while processing your request.", headers={"x-request-id": request_id}
+        )

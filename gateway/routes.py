@@ -1,0 +1,91 @@
+"""The OpenAI routes, health checks and model listing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from backends.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    ModelNotFound,
+)
+from gateway.registry import BackendRegistry
+from gateway.sse import stream_response
+
+T = TypeVar("T")
+
+router = APIRouter()
+
+# How often a non-streamed request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+
+
+def _registry(request: Request) -> BackendRegistry:
+    return request.app.state.registry
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await `work`, cancelling it (and so the generation) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return Response(status_code=499)  # never seen by the client; for logs
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
+    backend = _registry(request).resolve(body.model)
+    if body.stream:
+        return await stream_response(backend.chat_stream(body))
+    return await _unless_disconnected(request, backend.chat(body))
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
+    backend = _registry(request).resolve(body.model)
+    if body.stream:
+        return await stream_response(backend.completion_stream(body))
+    return await _unless_disconnected(request, backend.completion(body))
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=_registry(request).model_cards())
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    for card in _registry(request).model_cards():
+        if card.id == model_id:
+            return card
+    raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: every backend has started and reports healthy."""
+    ready = _registry(request).healthy()
+    return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)

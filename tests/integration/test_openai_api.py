@@ -1,0 +1,317 @@
+"""The OpenAI contract end to end: the real model, a real server, the official client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import llama_cpp
+import openai
+import pytest
+
+from backends.chat_template import render_chat
+from backends.protocol import ChatMessage
+from tests.conftest import Server, llamacpp_config, start_server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+HELLO = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def client(llamacpp_server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=llamacpp_server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def vocab(model_path: Path) -> llama_cpp.Llama:
+    return llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
+
+
+def sse_lines(response: httpx.Response) -> list[str]:
+    return [line for line in response.iter_lines() if line]
+
+
+# -- happy paths ------------------------------------------------------------------------------
+
+
+def test_chat_answers_and_counts_tokens(client: openai.OpenAI, vocab: llama_cpp.Llama) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    # The prompt count is the chat template's tokens; the completion count is what came out.
+    template = vocab.metadata["tokenizer.chat_template"]
+    prompt = render_chat(template, [ChatMessage(**m) for m in HELLO])
+    assert r.usage.prompt_tokens == len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
+    out_tokens = vocab.tokenize(choice.message.content.encode(), add_bos=False, special=False)
+    assert r.usage.completion_tokens == len(out_tokens)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_temperature_zero_is_deterministic(client: openai.OpenAI) -> None:
+    a = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20, temperature=0)
+    b = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_seed_reproduces_sampled_text(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=20, temperature=1.0, seed=1234)
+    assert client.chat.completions.create(**kw).choices[0].message.content == (
+        client.chat.completions.create(**kw).choices[0].message.content
+    )
+
+
+def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == full.choices[0].finish_reason
+    # include_usage: a last chunk with no choices and the same usage as the non-streamed answer
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_ends_with_finish_chunk_then_done(llamacpp_server: Server) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", llamacpp_server.base_url + "/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = sse_lines(r)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_completions_stream_and_not(client: openai.OpenAI) -> None:
+    prompt = "The quick brown fox"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+    assert full.object == "text_completion" and full.choices[0].text
+    assert full.usage.completion_tokens == 10 and full.choices[0].finish_reason == "length"
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 10
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith(prompt)
+
+
+def test_stop_string_is_cut_and_never_leaks(client: openai.OpenAI) -> None:
+    free = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0).choices[0].text
+    assert " 6" in free  # the model counts on; stop where it would write 6
+    stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 6"])
+    assert stopped.choices[0].text == free[: free.index(" 6")]
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 6"], stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == stopped.choices[0].text
+
+
+def test_models_listing(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_health_and_request_ids(llamacpp_server: Server) -> None:
+    assert httpx.get(llamacpp_server.url + "/healthz").json() == {"status": "ok"}
+    r = httpx.get(llamacpp_server.url + "/readyz")
+    assert r.status_code == 200 and r.headers["x-request-id"]
+    echoed = httpx.get(llamacpp_server.base_url + "/models", headers={"x-request-id": "trace-abc-123"})
+    assert echoed.headers["x-request-id"] == "trace-abc-123"
+    a, b = httpx.get(llamacpp_server.url + "/healthz"), httpx.get(llamacpp_server.url + "/healthz")
+    assert a.headers["x-request-id"] != b.headers["x-request-id"]
+
+
+async def test_two_concurrent_streams_complete(llamacpp_server: Server) -> None:
+    client = openai.AsyncOpenAI(base_url=llamacpp_server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+    async def one(prompt: str) -> tuple[str, str | None]:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0, stream=True
+        )
+        text, finish = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    results = await asyncio.gather(one("Tell me about cats."), one("Tell me about dogs."))
+    for text, finish in results:
+        assert text and finish in ("stop", "length")
+    await client.close()
+
+
+# -- bad input: a clear OpenAI error and a 4xx, never a 500 or a hang ---------------------------
+
+
+def _post(server: Server, path: str, **kwargs: object) -> httpx.Response:
+    return httpx.post(server.base_url + path, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_openai_error(r: httpx.Response, status: int, *, code: str | None = None, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    assert r.headers["x-request-id"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL, "messages": "hi"}, "messages"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"messages": HELLO}, "model"),
+        ({"model": MODEL, "messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"model": MODEL, "messages": HELLO, "temperature": 3}, "temperature"),
+        ({"model": MODEL, "messages": HELLO, "stream": "yes"}, "stream"),
+        ({"model": MODEL, "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "messages": HELLO, "max_tokens": -5}, "max_tokens"),
+        ({"model": MODEL, "messages": HELLO, "max_tokens": 1.5}, "max_tokens"),
+        ({"model": MODEL, "messages": HELLO, "n": 2}, "n"),
+        ({"model": MODEL, "messages": HELLO, "top_p": 0}, "top_p"),
+        ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": MODEL, "messages": HELLO, "logit_bias": {"hello": 5}}, "logit_bias"),
+        ({"model": MODEL, "messages": HELLO, "response_format": {"type": "xml"}}, "response_format.type"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ],
+)
+def test_invalid_chat_bodies_are_400(llamacpp_server: Server, body: dict, param: str) -> None:
+    err = assert_openai_error(_post(llamacpp_server, "/chat/completions", json=body), 400)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] is not None and err["param"].startswith(param)
+
+
+def test_image_content_parts_are_refused(llamacpp_server: Server) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    assert_openai_error(_post(llamacpp_server, "/chat/completions", json=body), 400)
+
+
+def test_text_content_parts_work(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "colours."}]}]
+    parts = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'{"model": "smollm2-135m", "messages": ['])
+def test_malformed_json_is_400(llamacpp_server: Server, raw: bytes) -> None:
+    r = _post(llamacpp_server, "/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert_openai_error(r, 400)
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-17", messages=HELLO)
+    assert info.value.code == "model_not_found"
+
+
+def test_prompt_over_context_window_states_the_numbers(client: openai.OpenAI) -> None:
+    long_prompt = "word " * 600  # over the test server's 512-token window on its own
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}], max_tokens=10)
+    assert info.value.code == "context_length_exceeded"
+    assert "512" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=long_prompt)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_prompt_plus_max_tokens_over_window(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=600)
+    message = info.value.message
+    assert info.value.code == "context_length_exceeded" and "512" in message and "600 in the completion" in message
+
+
+def test_huge_body_is_413(llamacpp_server: Server) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 200_000}]}
+    assert_openai_error(_post(llamacpp_server, "/chat/completions", json=body), 413, code="request_too_large")
+
+    def chunks():  # no Content-Length: the limit must hold for chunked uploads too
+        for _ in range(20):
+            yield b"x" * 10_000
+
+    r = _post(llamacpp_server, "/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_openai_error(r, 413)
+
+
+def test_unknown_route_and_method(llamacpp_server: Server) -> None:
+    assert_openai_error(_post(llamacpp_server, "/nope", json={}), 404)
+    assert_openai_error(httpx.get(llamacpp_server.base_url + "/chat/completions"), 405)
+
+
+# -- cancellation and capacity ---------------------------------------------------------------------
+
+LONG = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+
+
+def _await_free_instance(server: Server, budget_s: float) -> float:
+    """Seconds until a one-token request is admitted by a server whose queue holds nothing
+    (max_queue 0: a busy instance answers 503 at once)."""
+    start = time.monotonic()
+    while time.monotonic() - start < budget_s:
+        r = _post(server, "/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+        if r.status_code == 200:
+            return time.monotonic() - start
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        time.sleep(0.02)
+    raise AssertionError(f"the instance was not freed within {budget_s}s")
+
+
+@pytest.fixture(scope="module")
+def no_queue_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    server = start_server(llamacpp_config(model_path, instances=1, max_queue=0), tmp_path_factory.mktemp("noq"))
+    yield server
+    server.stop()
+
+
+def test_full_queue_is_503_with_retry_after(no_queue_server: Server) -> None:
+    with httpx.stream("POST", no_queue_server.base_url + "/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)  # the generation holds the only instance now
+        busy = _post(no_queue_server, "/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 1})
+        err = assert_openai_error(busy, 503)
+        assert err["type"] == "server_error" and int(busy.headers["retry-after"]) >= 1
+
+
+def test_disconnect_mid_stream_frees_the_instance(no_queue_server: Server) -> None:
+    # 400 tokens take seconds on this CPU; the instance must come back long before that.
+    with httpx.stream("POST", no_queue_server.base_url + "/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    # leaving the block closed the connection mid-stream
+    _await_free_instance(no_queue_server, budget_s=1.0)
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_answer(no_queue_server: Server) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        _post_timeout = httpx.post(no_queue_server.base_url + "/chat/completions", json=LONG, timeout=0.3)
+        del _post_timeout
+    _await_free_instance(no_queue_server, budget_s=1.5)
