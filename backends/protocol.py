@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 # ---------------------------------------------------------------------------
 # Requests
@@ -58,6 +58,10 @@ StopList = str | Annotated[list[str], Field(max_length=4)]
 
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions."""
+
+    # The body as the client sent it, set by the gateway: a remote backend forwards it
+    # without re-serialising fields it does not need to change.
+    _raw_body: bytes | None = PrivateAttr(default=None)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gateway.errors import install_error_handlers
+from gateway.metrics import build_metrics_registry
 from gateway.middleware import RequestContextMiddleware
 from gateway.registry import BackendRegistry
 from gateway.routes import router
@@ -38,6 +39,7 @@ def create_app(config: Config) -> FastAPI:
     app = FastAPI(title="turnout", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
     app.state.config = config
+    app.state.metrics = build_metrics_registry(registry)
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes)

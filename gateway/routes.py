@@ -8,8 +8,10 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backends.protocol import (
+    Backend,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -49,20 +51,29 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Resp
             task.cancel()
 
 
+def _load_header(backend: Backend) -> dict[str, str]:
+    """The serving backend's load, piggybacked for routers upstream (Envoy ORCA form)."""
+    return {"endpoint-load-metrics": backend.load().to_header()}
+
+
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response) -> ChatCompletion | Response:
     backend = _registry(request).resolve(body.model)
     if body.stream:
-        return await stream_response(backend.chat_stream(body))
-    return await _unless_disconnected(request, backend.chat(body))
+        return await stream_response(backend.chat_stream(body), headers=_load_header(backend))
+    result = await _unless_disconnected(request, backend.chat(body))
+    response.headers.update(_load_header(backend))
+    return result
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
+async def completions(body: CompletionRequest, request: Request, response: Response) -> Completion | Response:
     backend = _registry(request).resolve(body.model)
     if body.stream:
-        return await stream_response(backend.completion_stream(body))
-    return await _unless_disconnected(request, backend.completion(body))
+        return await stream_response(backend.completion_stream(body), headers=_load_header(backend))
+    result = await _unless_disconnected(request, backend.completion(body))
+    response.headers.update(_load_header(backend))
+    return result
 
 
 @router.get("/v1/models")
@@ -76,6 +87,12 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
         if card.id == model_id:
             return card
     raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text: backend load under vLLM's names (see gateway/metrics.py)."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

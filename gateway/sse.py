@@ -40,7 +40,7 @@ async def _events(first: BaseModel, rest: AsyncIterator[BaseModel]) -> AsyncIter
     yield DONE
 
 
-async def stream_response(stream: AsyncIterator[BaseModel]) -> StreamingResponse:
+async def stream_response(stream: AsyncIterator[BaseModel], headers: dict[str, str] | None = None) -> StreamingResponse:
     """Start the stream and answer with SSE. The first item is awaited here, so errors
     before the first byte (bad input, overload) raise and become ordinary HTTP errors."""
     try:
@@ -48,4 +48,6 @@ async def stream_response(stream: AsyncIterator[BaseModel]) -> StreamingResponse
     except BaseException:
         await stream.aclose()  # type: ignore[attr-defined]
         raise
-    return StreamingResponse(_events(first, stream), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        _events(first, stream), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+    )

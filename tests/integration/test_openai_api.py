@@ -11,9 +11,10 @@ import httpx
 import llama_cpp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.chat_template import render_chat
-from backends.protocol import ChatMessage
+from backends.protocol import ChatMessage, LoadReport
 from tests.conftest import Server, llamacpp_config, start_server
 
 pytestmark = pytest.mark.slow
@@ -315,3 +316,15 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer(no_queue_server: Ser
         _post_timeout = httpx.post(no_queue_server.base_url + "/chat/completions", json=LONG, timeout=0.3)
         del _post_timeout
     _await_free_instance(no_queue_server, budget_s=1.5)
+
+
+def test_load_header_and_vllm_metrics(llamacpp_server: Server) -> None:
+    r = _post(llamacpp_server, "/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    report = LoadReport.from_header(r.headers["endpoint-load-metrics"])
+    assert report.healthy and report.max_running == 1 and report.running == 0
+    text = httpx.get(llamacpp_server.url + "/metrics").text
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    running = samples["vllm:num_requests_running"]
+    assert running.labels == {"model_name": MODEL, "backend": "local"} and running.value == 0
+    assert samples["vllm:num_requests_waiting"].value == 0
+    assert samples["turnout:backend_healthy"].value == 1
