@@ -1,0 +1,86 @@
+"""The wire types validate what OpenAI validates, and ignore what OpenAI ignores."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from backends.protocol import ChatCompletionRequest, CompletionRequest, LoadReport
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_unknown_fields_are_ignored() -> None:
+    req = ChatCompletionRequest.model_validate({**BASE, "parallel_tool_calls": True, "store": False})
+    assert req.model == "m" and not hasattr(req, "store")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": "0.5"},  # strings are not numbers
+        {"stream": "yes"},
+        {"max_tokens": 0},
+        {"max_tokens": 2.5},
+        {"max_completion_tokens": -1},
+        {"n": 2},
+        {"top_p": 1.5},
+        {"presence_penalty": 2.5},
+        {"stop": ["a"] * 5},
+        {"logit_bias": {"abc": 1}},
+        {"logit_bias": {"5": 101}},
+        {"top_logprobs": 21},
+        {"response_format": {"type": "json_schema"}},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+        {"messages": []},
+        {"model": ""},
+    ],
+)
+def test_invalid_fields_are_rejected(extra: dict) -> None:
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({**BASE, **extra})
+
+
+def test_content_parts_join_and_limits() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {
+            **BASE,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "max_tokens": 7,
+            "max_completion_tokens": 9,
+            "stop": "x",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert req.messages[0].text() == "ab"
+    assert req.output_limit() == 9  # max_completion_tokens wins
+    assert req.stop_list() == ["x"] and req.wants_usage_chunk()
+
+
+@pytest.mark.parametrize("prompt", ["hi", [1, 2, 3], ["hi"], [[1, 2]]])
+def test_completion_prompt_forms(prompt: object) -> None:
+    req = CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    assert req.single_prompt() in ("hi", [1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], [], [[1], [2]]])
+def test_completion_rejects_batches_and_empty(prompt: object) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+
+
+def test_load_report_header_round_trip() -> None:
+    report = LoadReport(kv_usage=0.25, kv_free_blocks=120, block_size=16, running=3, waiting=2, max_running=8,
+                        prefix_cache_hit_rate=0.5, healthy=False)
+    header = report.to_header()
+    assert header.startswith("TEXT named_metrics.kv_usage=0.25")
+    back = LoadReport.from_header(header)
+    for name in ("kv_usage", "kv_free_blocks", "block_size", "running", "waiting", "max_running",
+                 "prefix_cache_hit_rate", "healthy"):
+        assert getattr(back, name) == getattr(report, name)
+
+
+def test_load_report_ignores_unknown_metrics() -> None:
+    back = LoadReport.from_header("TEXT cpu_utilization=0.3, named_metrics.running=4, named_metrics.other=1")
+    assert back.running == 4 and back.waiting == 0

@@ -1,0 +1,60 @@
+"""Policy files: the embedded default validates; a bad edit names file, line and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.app import DEFAULT_CONFIG, load_config
+from policies.schema import ConfigError, parse_config
+
+
+def test_default_config_is_valid() -> None:
+    config = load_config(None)
+    assert config.server.host == "127.0.0.1" and config.server.port == 8080
+    assert config.aliases() == {"smollm2-135m": ["local"]}
+    assert DEFAULT_CONFIG.name == "default.yaml"
+
+
+BAD = """\
+server:
+  port: 8080
+backends:
+  - name: a
+    kind: llamacpp
+    model: m
+  - name: b
+    kind: llamacpp
+    model: m
+    optoins: {}
+"""
+
+
+def test_bad_field_names_file_line_and_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(BAD, source="policy.yaml")
+    message = str(info.value)
+    assert "policy.yaml:10: backends.1.optoins" in message and "Extra inputs" in message
+
+
+def test_unknown_backend_in_route_and_duplicates() -> None:
+    text = "backends:\n  - {name: a, kind: llamacpp, model: m}\nroutes:\n  - {model: chat, backends: [zz]}\n"
+    with pytest.raises(ConfigError, match="unknown backends"):
+        parse_config(text)
+    dup = "backends:\n  - {name: a, kind: llamacpp, model: m}\n  - {name: a, kind: llamacpp, model: n}\n"
+    with pytest.raises(ConfigError, match="unique"):
+        parse_config(dup)
+
+
+def test_yaml_syntax_error() -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config("backends: [", source="x.yaml")
+
+
+def test_routes_and_served_names() -> None:
+    config = parse_config(
+        "backends:\n"
+        "  - {name: a, kind: llamacpp, model: /models/Foo-Q4.gguf}\n"
+        "  - {name: b, kind: llamacpp, model: m, served_name: small}\n"
+        "routes:\n  - {model: chat, backends: [a, b]}\n"
+    )
+    assert config.aliases() == {"Foo-Q4": ["a"], "small": ["b"], "chat": ["a", "b"]}
