@@ -328,3 +328,25 @@ def test_load_header_and_vllm_metrics(llamacpp_server: Server) -> None:
     assert running.labels == {"model_name": MODEL, "backend": "local"} and running.value == 0
     assert samples["vllm:num_requests_waiting"].value == 0
     assert samples["turnout:backend_healthy"].value == 1
+
+
+def test_json_object_response_format_yields_json(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object with keys name and age."}],
+        max_tokens=120,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_logit_bias_bans_a_token(client: openai.OpenAI, vocab: llama_cpp.Llama) -> None:
+    free = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=1, temperature=0).choices[0].text
+    banned = vocab.tokenize(free.encode(), add_bos=False, special=False)
+    assert len(banned) == 1
+    biased = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=1, temperature=0, logit_bias={str(banned[0]): -100}
+    )
+    assert biased.choices[0].text != free
