@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.outcome import RequestOutcome
 from gateway.registry import BackendRegistry
 
 
@@ -55,3 +56,64 @@ def build_metrics_registry(backends: BackendRegistry) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(BackendLoadCollector(backends))
     return registry
+
+
+# Buckets for LLM latencies: first tokens in tens of ms to a minute, whole answers to ten
+# minutes, per-token times from 1 ms to 1 s.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class GatewayMetrics:
+    """The gateway's own request metrics, observed once per request from its outcome."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            "turnout_requests", "Requests by route, model, backend, variant and status.",
+            ["route", "model", "backend", "variant", "status"], registry=registry,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "turnout_request_duration_seconds", "End-to-end request latency.",
+            ["route", "model", "backend"], buckets=E2E_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "turnout_time_to_first_token_seconds", "Time to the first generated token.",
+            ["model", "backend"], buckets=TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "turnout_time_per_output_token_seconds", "Time per output token after the first.",
+            ["model", "backend"], buckets=TPOT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "turnout_tokens", "Tokens in (prompt) and out (completion).",
+            ["model", "backend", "direction"], registry=registry,
+        )  # fmt: skip
+        self.rejections = Counter(
+            "turnout_rejections", "Requests refused before reaching a backend, by reason.",
+            ["reason"], registry=registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "turnout_in_flight_requests", "Requests in flight per backend.", ["backend"],
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.reloads = Counter(
+            "turnout_policy_reloads", "Policy reloads by result.", ["result"], registry=registry
+        )  # fmt: skip
+
+    def observe(self, outcome: RequestOutcome) -> None:
+        """Count a finished request (latencies only for requests that produced tokens)."""
+        backend = outcome.backend or "none"
+        self.requests.labels(outcome.route, outcome.model, backend, outcome.variant or "", str(outcome.status)).inc()
+        if outcome.e2e_s is not None:
+            self.e2e.labels(outcome.route, outcome.model, backend).observe(outcome.e2e_s)
+        if outcome.ttft_s is not None:
+            self.ttft.labels(outcome.model, backend).observe(outcome.ttft_s)
+        if outcome.tpot_s is not None:
+            self.tpot.labels(outcome.model, backend).observe(outcome.tpot_s)
+        if outcome.prompt_tokens:
+            self.tokens.labels(outcome.model, backend, "in").inc(outcome.prompt_tokens)
+        if outcome.completion_tokens:
+            self.tokens.labels(outcome.model, backend, "out").inc(outcome.completion_tokens)
