@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 MODEL  ?= smollm2-135m
 
-.PHONY: serve test install install-dev pull clean
+.PHONY: serve test install install-dev pull system-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,7 +35,12 @@ pull: install
 serve: pull
 	$(VENV)/bin/turnout serve --host $(HOST) --port $(PORT)
 
-test: install-dev pull
+# redis-server (Debian package) for the tests that share limits through a real Redis.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v redis-server >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server)
+
+test: system-deps install-dev pull
 	$(PY) -m pytest -q -ra
 
 clean:

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from gateway.auth import AuthMiddleware, Authenticator, install_auth_handlers
 from gateway.errors import install_error_handlers
+from gateway.keys import FileKeyStore, RedisKeyStore
 from gateway.metrics import build_metrics_registry
 from gateway.middleware import RequestContextMiddleware
+from gateway.ratelimit import InProcessStore, Limiter, LimiterMetrics, RedisStore, redis_client
 from gateway.registry import BackendRegistry
 from gateway.routes import router
-from policies.schema import Config, parse_config
+from policies.schema import AuthConfig, Config, parse_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 
@@ -24,9 +27,25 @@ def load_config(path: str | Path | None = None) -> Config:
     return parse_config(path.read_text(), source=str(path))
 
 
+def build_access(config: Config, metrics: LimiterMetrics) -> tuple[Authenticator, Limiter]:
+    """The key store, authenticator and rate limiter a config asks for."""
+    client = redis_client(config.redis.url, config.redis.timeout_ms) if config.redis else None
+    store: FileKeyStore | RedisKeyStore | None = None
+    if isinstance(config.auth, AuthConfig):
+        if config.auth.store == "redis":
+            store = RedisKeyStore(config.redis.url, config.redis.prefix, client)  # type: ignore[union-attr]
+        else:
+            store = FileKeyStore(config.auth.path)
+    fail_mode = config.redis.fail_mode if config.redis else "open"
+    limiter = Limiter(RedisStore(client) if client else InProcessStore(), fail_mode, metrics)
+    return Authenticator(config, store, fail_open=fail_mode == "open"), limiter
+
+
 def create_app(config: Config) -> FastAPI:
     """Build the gateway for `config`. Backends start in the app's lifespan."""
     registry = BackendRegistry(config)
+    metrics = build_metrics_registry(registry)
+    authenticator, limiter = build_access(config, LimiterMetrics(metrics))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -34,13 +53,21 @@ def create_app(config: Config) -> FastAPI:
         try:
             yield
         finally:
+            await limiter.close()
             await registry.close()
 
     app = FastAPI(title="turnout", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
     app.state.config = config
-    app.state.metrics = build_metrics_registry(registry)
+    app.state.metrics = metrics
+    app.state.authenticator = authenticator
+    app.state.limiter = limiter
     app.include_router(router)
     install_error_handlers(app)
+    install_auth_handlers(app)
+    # Inside the request-id middleware (so 401s carry x-request-id); skipped when there is
+    # nothing to check: `auth: none` and no limits.
+    if authenticator.store is not None or authenticator.anonymous.buckets:
+        app.add_middleware(AuthMiddleware, authenticator=authenticator)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes)
     return app

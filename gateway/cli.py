@@ -1,4 +1,4 @@
-"""`turnout` command line: serve, run, pull, models."""
+"""`turnout` command line: serve, run, pull, models, keys."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from backends import models as model_store
 from backends.protocol import BackendError, ChatCompletionRequest, ChatMessage
-from policies.schema import ConfigError
+from policies.schema import AuthConfig, Config, ConfigError
 
 
 def _is_loopback(host: str) -> bool:
@@ -21,6 +21,17 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def bind_refusal(config: Config, host: str) -> str | None:
+    """Why `serve` must not bind `host` with this config (None: it may)."""
+    if config.auth == "none" and not _is_loopback(host):
+        return (
+            f"refusing to serve on {host} with `auth: none`: without API keys the gateway may only "
+            "bind a loopback address (127.0.0.1, ::1, localhost). Set `auth: {store: file}` (or "
+            "redis) in the config and create keys with `turnout keys create`."
+        )
+    return None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -35,12 +46,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    if config.auth == "none" and not _is_loopback(host):
-        print(
-            f"turnout: refusing to serve on {host} with `auth: none`: without API keys the gateway "
-            "may only bind a loopback address (127.0.0.1, ::1, localhost)",
-            file=sys.stderr,
-        )
+    refusal = bind_refusal(config, host)
+    if refusal:
+        print(f"turnout: {refusal}", file=sys.stderr)
         return 2
     for backend in config.backends:  # fetch known default models on first use, as `ollama serve` does
         if backend.kind in ("llamacpp", "paged") and backend.model in model_store.KNOWN_MODELS:
@@ -134,6 +142,77 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
 
 
+# -- turnout keys ---------------------------------------------------------------------------
+
+
+def _key_store(config_path: str | None) -> object:
+    """The store a config names: `auth.store: redis` -> Redis, else the file store (its
+    `auth.path`, or $TURNOUT_HOME/keys.json when the config has `auth: none`)."""
+    from gateway.app import load_config
+    from gateway.keys import FileKeyStore, RedisKeyStore
+
+    config = load_config(config_path)
+    if isinstance(config.auth, AuthConfig) and config.auth.store == "redis":
+        assert config.redis is not None  # the schema requires it
+        return RedisKeyStore(config.redis.url, config.redis.prefix)
+    return FileKeyStore(config.auth.path if isinstance(config.auth, AuthConfig) else None)
+
+
+def _when(epoch: float | None) -> str:
+    from datetime import datetime, timezone
+
+    return "-" if epoch is None else datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.keys import KeyNotFound, new_key, parse_expiry
+
+    try:
+        store = _key_store(args.config)
+        if args.keys_command == "create":
+            expires = parse_expiry(args.expires) if args.expires else None
+            models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+            secret, record = new_key(
+                args.name, tenant=args.tenant, models=models, rpm=args.rpm, tpm=args.tpm, priority=args.priority, expires=expires
+            )
+            store.add(record)  # type: ignore[attr-defined]
+            print(f"created {record.id} ({record.name}); the secret is shown once, store it now:", file=sys.stderr)
+            print(secret)
+            return 0
+        if args.keys_command == "list":
+            records = store.list()  # type: ignore[attr-defined]
+            if args.json:
+                print(json.dumps([{k: v for k, v in r.to_json().items() if k != "hash"} for r in records], indent=1))
+                return 0
+            print(f"{'ID':<17} {'NAME':<16} {'TENANT':<12} {'MODELS':<20} {'RPM':>6} {'TPM':>8} {'PRIORITY':<11} {'EXPIRES':<20} {'STATUS':<8} KEY")
+            for r in records:
+                status = "revoked" if r.revoked else ("expired" if r.expired() else "active")
+                models = ",".join(r.models) or "*"
+                print(
+                    f"{r.id:<17} {r.name:<16} {r.tenant:<12} {models:<20} {r.rpm or '-':>6} {r.tpm or '-':>8} "
+                    f"{r.priority:<11} {_when(r.expires):<20} {status:<8} {r.hint}"
+                )
+            return 0
+        record = store.revoke(args.key)  # type: ignore[attr-defined]
+        print(f"revoked {record.id} ({record.name})")
+        return 0
+    except (ConfigError, OSError, ValueError, KeyNotFound) as exc:
+        print(f"turnout: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # redis errors: the store is unreachable
+        print(f"turnout: key store unavailable: {exc}", file=sys.stderr)
+        return 1
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnout", description="An OpenAI-shaped LLM gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model store")
     models.set_defaults(func=cmd_models)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys.add_argument("--config", help="policy file naming the key store (default: the embedded config)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints its secret once")
+    create.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    create.add_argument("--name", required=True)
+    create.add_argument("--tenant", default="default", help="limits are per key and per tenant (default: default)")
+    create.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
+    create.add_argument("--rpm", type=_positive, help="requests per minute (default: limits.key.rpm)")
+    create.add_argument("--tpm", type=_positive, help="tokens per minute (default: limits.key.tpm)")
+    create.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
+    create.add_argument("--expires", help="ISO date or datetime (UTC unless it says otherwise)")
+    listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    listing.add_argument("--json", action="store_true")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id (or by name, when unique)")
+    revoke.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    revoke.add_argument("key")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

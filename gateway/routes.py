@@ -20,6 +20,7 @@ from backends.protocol import (
     ModelList,
     ModelNotFound,
 )
+from gateway.auth import admit, usage_tokens
 from gateway.registry import BackendRegistry
 from gateway.sse import stream_response
 
@@ -58,32 +59,57 @@ def _load_header(backend: Backend) -> dict[str, str]:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response) -> ChatCompletion | Response:
-    backend = _registry(request).resolve(body.model)
-    if body.stream:
-        return await stream_response(backend.chat_stream(body), headers=_load_header(backend))
-    result = await _unless_disconnected(request, backend.chat(body))
+    ticket = await admit(request, body)  # 403 / 429 / 401 (revoked); reserves tokens
+    try:
+        backend = _registry(request).resolve(body.model)
+        if body.stream:
+            strip = ticket.usage_for(body)
+            stream = ticket.meter(backend.chat_stream(body), strip)  # settles when the stream ends
+            return await stream_response(stream, headers=_load_header(backend))
+        result = await _unless_disconnected(request, backend.chat(body))
+    except BaseException:
+        ticket.settle(0)  # nothing was generated: refund the reservation
+        raise
+    ticket.settle(usage_tokens(result))
     response.headers.update(_load_header(backend))
     return result
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, response: Response) -> Completion | Response:
-    backend = _registry(request).resolve(body.model)
-    if body.stream:
-        return await stream_response(backend.completion_stream(body), headers=_load_header(backend))
-    result = await _unless_disconnected(request, backend.completion(body))
+    ticket = await admit(request, body)
+    try:
+        backend = _registry(request).resolve(body.model)
+        if body.stream:
+            strip = ticket.usage_for(body)
+            stream = ticket.meter(backend.completion_stream(body), strip)
+            return await stream_response(stream, headers=_load_header(backend))
+        result = await _unless_disconnected(request, backend.completion(body))
+    except BaseException:
+        ticket.settle(0)
+        raise
+    ticket.settle(usage_tokens(result))
     response.headers.update(_load_header(backend))
     return result
 
 
+def _visible_cards(request: Request) -> list[ModelCard]:
+    """The model cards this caller's key may use."""
+    cards = _registry(request).model_cards()
+    principal = request.scope.get("state", {}).get("principal")
+    return cards if principal is None else [c for c in cards if principal.may_use(c.id)]
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=_registry(request).model_cards())
+    await admit(request, None)  # headers and the revocation check; takes nothing
+    return ModelList(data=_visible_cards(request))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    for card in _registry(request).model_cards():
+    await admit(request, None)
+    for card in _visible_cards(request):
         if card.id == model_id:
             return card
     raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")

@@ -41,6 +41,42 @@ class BackendConfig(_Section):
         return self.model
 
 
+class AuthConfig(_Section):
+    """API keys required on /v1/*, from a store: a JSON file (one host) or Redis (replicas)."""
+
+    store: Literal["file", "redis"] = "file"
+    path: str | None = None  # file store; default $TURNOUT_HOME/keys.json
+
+
+class RedisConfig(_Section):
+    """A Redis shared by replicas: rate-limit buckets (and keys, with `auth.store: redis`)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_ms: float = Field(default=50.0, gt=0)  # per call; slower counts as down
+    fail_mode: Literal["open", "closed"] = "open"  # Redis down: serve unlimited, or 503
+    prefix: str = "turnout:"
+
+
+class LimitSpec(_Section):
+    """Requests and tokens per minute; None = no limit of that kind."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
+class LimitsConfig(_Section):
+    """Per-key and per-tenant limits; a request must fit both (the tighter wins)."""
+
+    key: LimitSpec = Field(default_factory=LimitSpec)  # for keys created without --rpm/--tpm
+    tenant: LimitSpec = Field(default_factory=LimitSpec)  # for every tenant not listed below
+    tenants: dict[str, LimitSpec] = Field(default_factory=dict)
+    # Seconds of the per-minute rate a client may spend at once. 60: the whole minute's
+    # budget (as OpenAI's limits behave); less smooths bursts.
+    burst_seconds: float = Field(default=60.0, gt=0, le=60)
+    # Completion tokens reserved up front when a request sets no max_tokens.
+    assumed_max_tokens: int = Field(default=512, ge=1)
+
+
 class RouteConfig(_Section):
     """A model alias clients ask for, served by a pool of backends."""
 
@@ -50,7 +86,9 @@ class RouteConfig(_Section):
 
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
-    auth: Literal["none"] = "none"
+    auth: Literal["none"] | AuthConfig = "none"
+    redis: RedisConfig | None = None  # None: limits are kept in-process
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     backends: list[BackendConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(default_factory=list)
 
@@ -64,6 +102,8 @@ class Config(_Section):
             unknown = [b for b in route.backends if b not in names]
             if unknown:
                 raise ValueError(f"route {route.model!r} names unknown backends {unknown}")
+        if isinstance(self.auth, AuthConfig) and self.auth.store == "redis" and self.redis is None:
+            raise ValueError("auth.store: redis needs a `redis` section (url, timeout_ms, fail_mode)")
         return self
 
     def aliases(self) -> dict[str, list[str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,5 +107,62 @@ def llamacpp_config(model_path: Path, **options: object) -> dict:
 def llamacpp_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One llama.cpp instance, a wait queue of 4."""
     server = start_server(llamacpp_config(model_path, instances=1, max_queue=4), tmp_path_factory.mktemp("srv"))
+    yield server
+    server.stop()
+
+
+# -- a real redis-server ---------------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """A throwaway `redis-server` on loopback: no persistence, stoppable and restartable on
+    the same port (to test the gateway's behaviour while Redis is down, and its recovery)."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--protected-mode", "yes", "--daemonize", "no", "--enable-debug-command", "local", "--logfile", str(self.log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        """Kill it (SIGKILL: the gateway sees a crashed Redis, not a polite shutdown)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server per test (it starts in milliseconds)."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
+    server = RedisServer(port=free_port(), log=tmp_path / "redis.log")
+    server.start()
     yield server
     server.stop()

@@ -269,7 +269,9 @@ def test_unknown_route_and_method(llamacpp_server: Server) -> None:
 
 # -- cancellation and capacity ---------------------------------------------------------------------
 
-LONG = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+# Thousands of tokens: tens of seconds of generation on this CPU (more under load), so an
+# instance that comes back within a few seconds was freed by the disconnect, not by the end.
+LONG = {"model": MODEL, "messages": HELLO, "max_tokens": 3500, "ignore_eos": True, "temperature": 0}
 
 
 def _await_free_instance(server: Server, budget_s: float) -> float:
@@ -287,13 +289,15 @@ def _await_free_instance(server: Server, budget_s: float) -> float:
 
 @pytest.fixture(scope="module")
 def no_queue_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(llamacpp_config(model_path, instances=1, max_queue=0), tmp_path_factory.mktemp("noq"))
+    config = llamacpp_config(model_path, instances=1, max_queue=0, n_ctx=4096)
+    server = start_server(config, tmp_path_factory.mktemp("noq"))
     yield server
     server.stop()
 
 
 def test_full_queue_is_503_with_retry_after(no_queue_server: Server) -> None:
     with httpx.stream("POST", no_queue_server.base_url + "/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
         lines = r.iter_lines()
         next(lines)  # the generation holds the only instance now
         busy = _post(no_queue_server, "/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 1})
@@ -302,20 +306,22 @@ def test_full_queue_is_503_with_retry_after(no_queue_server: Server) -> None:
 
 
 def test_disconnect_mid_stream_frees_the_instance(no_queue_server: Server) -> None:
-    # 400 tokens take seconds on this CPU; the instance must come back long before that.
+    _await_free_instance(no_queue_server, budget_s=5.0)  # from the test before
     with httpx.stream("POST", no_queue_server.base_url + "/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
     # leaving the block closed the connection mid-stream
-    _await_free_instance(no_queue_server, budget_s=1.0)
+    _await_free_instance(no_queue_server, budget_s=5.0)
 
 
 def test_disconnect_while_waiting_for_a_non_streamed_answer(no_queue_server: Server) -> None:
+    _await_free_instance(no_queue_server, budget_s=5.0)
     with pytest.raises(httpx.ReadTimeout):
         _post_timeout = httpx.post(no_queue_server.base_url + "/chat/completions", json=LONG, timeout=0.3)
         del _post_timeout
-    _await_free_instance(no_queue_server, budget_s=1.5)
+    _await_free_instance(no_queue_server, budget_s=5.0)
 
 
 def test_load_header_and_vllm_metrics(llamacpp_server: Server) -> None:
