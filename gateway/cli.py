@@ -53,7 +53,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for backend in config.backends:  # fetch known default models on first use, as `ollama serve` does
         if backend.kind in ("llamacpp", "paged") and backend.model in model_store.KNOWN_MODELS:
             model_store.pull(backend.model)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:
+        app = create_app(config)
+    except ConfigError as exc:
+        print(f"turnout: cannot load config: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
 

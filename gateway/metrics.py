@@ -13,6 +13,17 @@ from gateway.outcome import RequestOutcome
 from gateway.registry import BackendRegistry
 
 
+# Monotonic engine counters a backend's `stats()` may report, by their vLLM names.
+ENGINE_COUNTERS = {
+    "vllm:prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "vllm:prefix_cache_hits": "Prompt tokens served from the prefix cache.",
+    "vllm:num_preemptions": "Sequences preempted (recomputed later) for lack of KV blocks.",
+    "vllm:prompt_tokens": "Prompt tokens processed.",
+    "vllm:generation_tokens": "Tokens generated.",
+    "turnout:paged_steps": "Engine steps run.",
+}
+
+
 class BackendLoadCollector(Collector):
     """Reads every backend's LoadReport (and engine counters, where a backend keeps them)
     at scrape time: nothing to update on the request path."""
@@ -29,8 +40,7 @@ class BackendLoadCollector(Collector):
         block = GaugeMetricFamily("turnout:kv_block_size", "Tokens per KV-cache block.", labels=labels)
         cap = GaugeMetricFamily("turnout:max_running", "Requests the backend runs at once.", labels=labels)
         healthy = GaugeMetricFamily("turnout:backend_healthy", "1 when the backend reports healthy.", labels=labels)
-        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", labels=labels)
-        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=labels)
+        counters = {name: CounterMetricFamily(name, help_, labels=labels) for name, help_ in ENGINE_COUNTERS.items()}
         for name, backend in self.registry.backends.items():
             model = backend.models()[0].id if self.registry.started else name
             values = [model, name]
@@ -42,13 +52,12 @@ class BackendLoadCollector(Collector):
             block.add_metric(values, report.block_size)
             cap.add_metric(values, report.max_running)
             healthy.add_metric(values, 1.0 if report.healthy else 0.0)
-            stats = getattr(backend, "stats", None)
-            if callable(stats):
-                counters = stats()
-                if "prefix_cache_hits" in counters:
-                    hits.add_metric(values, counters["prefix_cache_hits"])
-                    queries.add_metric(values, counters.get("prefix_cache_queries", 0.0))
-        yield from (kv, running, waiting, free, block, cap, healthy, hits, queries)
+            stats = getattr(backend, "stats", None)  # engines with their own counters (paged)
+            engine_stats = stats() if callable(stats) else {}
+            for counter_name, family in counters.items():
+                if counter_name in engine_stats:
+                    family.add_metric(values, engine_stats[counter_name])
+        yield from (kv, running, waiting, free, block, cap, healthy, *counters.values())
 
 
 def build_metrics_registry(backends: BackendRegistry) -> CollectorRegistry:

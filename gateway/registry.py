@@ -6,24 +6,26 @@ import asyncio
 import logging
 
 from backends.protocol import Backend, ModelCard, ModelNotFound
-from policies.schema import BackendConfig, Config
+from policies.schema import BackendConfig, Config, ConfigError
 
 log = logging.getLogger("turnout.registry")
 
 
 def build_backend(cfg: BackendConfig) -> Backend:
-    """Construct (but do not start) the backend a config entry describes."""
-    if cfg.kind == "llamacpp":
-        from backends.llamacpp.runner import LlamaCppBackend
+    """Construct (but do not start) the backend a config entry describes. Bad options
+    raise ConfigError naming the backend."""
+    try:
+        if cfg.kind == "llamacpp":
+            from backends.llamacpp.runner import LlamaCppBackend
 
-        return LlamaCppBackend(name=cfg.name, model=cfg.model, model_id=cfg.model_id(), **cfg.options)
-    if cfg.kind == "paged":
-        from backends.paged.backend import PagedBackend  # torch: imported only when used
+            return LlamaCppBackend(name=cfg.name, model=cfg.model, model_id=cfg.model_id(), **cfg.options)
+        if cfg.kind == "paged":
+            from backends.paged.backend import PagedBackend  # torch: imported only when used
 
-        backend = PagedBackend(name=cfg.name, model=cfg.model, **cfg.options)
-        backend.model_id = cfg.model_id()
-        return backend
-    raise ValueError(f"backend {cfg.name!r}: kind {cfg.kind!r} is not supported")
+            return PagedBackend(name=cfg.name, model=cfg.model, model_id=cfg.model_id(), **cfg.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"backend {cfg.name!r} ({cfg.kind}): {exc}") from exc
+    raise ConfigError(f"backend {cfg.name!r}: kind {cfg.kind!r} is not supported")
 
 
 class BackendRegistry:

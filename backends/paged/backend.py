@@ -1,0 +1,119 @@
+"""PagedBackend: the gateway's Backend protocol over the paged engine.
+
+Config:  backends: [{name: gpu-a, kind: paged, model: smollm2-135m, options: {kv_cache_gib: 2}}]
+The gateway calls PagedBackend(name=..., model=..., **options), then `await start()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from backends.generation import GenerationDelta, GenerationRequest
+from backends.local import LocalBackend
+from backends.paged.async_engine import AsyncEngine, EngineDeadError
+from backends.paged.config import ModelConfig
+from backends.paged.engine import EngineOptions, LLMEngine
+from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
+from backends.paged.tokenizer import Tokenizer
+from backends.protocol import LoadReport
+
+
+def _model_id(model: str) -> str:
+    """The id clients use: the name as configured, a file's stem for a path."""
+    if model.endswith(".gguf") or "/" in model:
+        return Path(model).stem if model.endswith(".gguf") else Path(model).name
+    return model
+
+
+class PagedBackend(LocalBackend):
+    """An in-process PagedAttention engine serving one model."""
+
+    supports_logprobs = True
+
+    def __init__(self, name: str, model: str, model_id: str | None = None, **options: Any) -> None:
+        self.name = name
+        self.model = model
+        self.model_id = model_id or _model_id(model)
+        self.options = EngineOptions.from_dict(options)  # unknown options fail at config load
+        self._source = ModelSource.parse(model)
+        # Shape and tokenizer are cheap; weights and the KV pool wait for start().
+        self._config: ModelConfig
+        self._tokenizer: Tokenizer
+        self._config, self._tokenizer = load_config_and_tokenizer(self._source)
+        self.engine: LLMEngine | None = None
+        self._async: AsyncEngine | None = None
+
+    # -- LocalBackend's hooks -----------------------------------------------------------------
+
+    @property
+    def context_window(self) -> int:
+        if self.engine is not None:
+            return self.engine.max_model_len
+        return min(self.options.max_model_len or self._config.max_position_embeddings, self._config.max_position_embeddings)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
+
+    def chat_template(self) -> tuple[str | None, str, str]:
+        t = self._tokenizer
+        return t.chat_template, t.bos_text, t.eos_text
+
+    async def start(self) -> None:
+        if self._async is not None:
+            return
+        self.engine = await asyncio.to_thread(self._build_engine)
+        self._async = AsyncEngine(self.engine)
+        self._async.start()
+
+    def _build_engine(self) -> LLMEngine:
+        opts = self.options
+        if opts.num_threads:
+            import torch
+
+            torch.set_num_threads(opts.num_threads)
+        device = opts.torch_device()
+        weights = load_weights(self._source, self._config, opts.torch_dtype(device), device, seed=opts.seed)
+        return LLMEngine(self._config, weights, self._tokenizer, opts)
+
+    async def close(self) -> None:
+        if self._async is not None:
+            await asyncio.to_thread(self._async.shutdown)
+            self._async = None
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        if self._async is None:
+            raise EngineDeadError(f"backend {self.name!r} is not started")
+        return self._async.generate(request)
+
+    # -- load and metrics ----------------------------------------------------------------------
+
+    def load(self) -> LoadReport:
+        """From the live block pool and scheduler queues."""
+        if self.engine is None or self._async is None:
+            return LoadReport(healthy=False, block_size=self.options.block_size, max_running=self.options.max_num_seqs)
+        bm = self.engine.block_manager
+        return LoadReport(
+            kv_usage=bm.usage(),
+            kv_free_blocks=bm.num_free_blocks,
+            block_size=bm.block_size,
+            running=len(self.engine.scheduler.running),
+            waiting=len(self.engine.scheduler.waiting) + self._async.pending_adds,
+            max_running=self.options.max_num_seqs,
+            prefix_cache_hit_rate=bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+            healthy=self._async.healthy,
+        )
+
+    def stats(self) -> dict[str, float]:
+        """vLLM-compatible metric names -> values (gauges and monotonic counters)."""
+        if self.engine is None:
+            return {}
+        s = self.engine.stats()
+        if self._async is not None:
+            s["vllm:num_requests_waiting"] += self._async.pending_adds
+        return s

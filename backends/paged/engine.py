@@ -1,0 +1,340 @@
+"""The synchronous engine core: add_request / step / abort, driven by a plain Python loop.
+
+A step asks the scheduler for a plan, runs one forward pass over the flattened batch (prefill
+chunks and decodes together), samples for the sequences that reached their end, and turns new
+tokens into text deltas (stop strings held back, stop tokens and limits checked)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from backends.generation import GenerationDelta, GenerationRequest, TokenLogprob
+from backends.paged.attention import AttentionMetadata
+from backends.paged.block_manager import BlockManager
+from backends.paged.config import ModelConfig
+from backends.paged.kv_cache import KVCache, gpu_budget_bytes, num_blocks_for_budget
+from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
+from backends.paged.model import LlamaModel
+from backends.paged.sampler import SamplerState, sample
+from backends.paged.scheduler import ScheduledSeq, Scheduler
+from backends.paged.sequence import Sequence
+from backends.paged.tokenizer import IncrementalDetokenizer, Tokenizer
+from backends.paged.weights import ModelWeights
+from backends.protocol import ContextLengthExceeded, InvalidRequest
+from backends.stop import StopMatcher
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EngineOptions:
+    """The `options:` of a `kind: paged` backend. Unknown keys are an error."""
+
+    block_size: int = 16
+    kv_cache_gib: float = 1.0  # CPU: the KV pool's size
+    gpu_memory_utilization: float = 0.9  # GPU: fraction of device memory for weights + KV pool
+    num_blocks: int | None = None  # explicit pool size (tests); overrides the budget
+    max_num_seqs: int = 64  # cap on running sequences
+    max_num_batched_tokens: int = 2048  # token budget per step
+    max_model_len: int | None = None  # default: the model's context, capped by the pool
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "cpu"  # "auto" picks cuda when available
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    watermark: float = 0.01  # fraction of blocks kept free when admitting new sequences
+    seed: int = 0  # dummy weights' seed
+    num_threads: int | None = None  # torch intra-op threads on CPU
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> EngineOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown paged backend option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        opts = cls(**options)
+        if opts.block_size <= 0 or opts.max_num_seqs <= 0 or opts.max_num_batched_tokens <= 0:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        return opts
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            return _DTYPES[self.dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+@dataclass
+class _SeqRuntime:
+    """What the engine keeps per sequence besides the scheduler's view."""
+
+    sampler: SamplerState
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    stop_ids: frozenset[int]
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    delta: GenerationDelta
+
+
+@dataclass
+class EngineCounters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    step_time_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class LLMEngine:
+    """The engine. Not thread-safe: one thread drives it (see async_engine)."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, tokenizer: Tokenizer, options: EngineOptions) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.options = options
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        bs = options.block_size
+        if options.num_blocks is not None:
+            num_blocks = options.num_blocks
+        elif self.device.type == "cuda":
+            budget = gpu_budget_bytes(self.device, options.gpu_memory_utilization, weights.nbytes())
+            num_blocks = num_blocks_for_budget(config, bs, self.dtype, budget)
+        else:
+            num_blocks = num_blocks_for_budget(config, bs, self.dtype, int(options.kv_cache_gib * (1 << 30)))
+        self.max_model_len = min(options.max_model_len or config.max_position_embeddings, num_blocks * bs)
+        self.cache = KVCache(config, num_blocks, bs, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=options.enable_prefix_caching, watermark=options.watermark)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=options.max_num_seqs,
+            max_num_batched_tokens=options.max_num_batched_tokens,
+            enable_chunked_prefill=options.enable_chunked_prefill,
+        )
+        self.model = LlamaModel(config, weights, self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}
+        self.counters = EngineCounters()
+
+    @classmethod
+    def from_model(cls, model: str, **options: Any) -> LLMEngine:
+        """Load `model` (GGUF path or store name, HF directory, or dummy:<shape>)."""
+        opts = EngineOptions.from_dict(options)
+        if opts.num_threads:
+            torch.set_num_threads(opts.num_threads)
+        source = ModelSource.parse(model)
+        config, tokenizer = load_config_and_tokenizer(source)
+        device = opts.torch_device()
+        weights = load_weights(source, config, opts.torch_dtype(device), device, seed=opts.seed)
+        return cls(config, weights, tokenizer, opts)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest / ContextLengthExceeded for a request that can never run.
+        Reads only immutable state, so any thread may call it."""
+        s = request.sampling
+        if s.json_mode:
+            raise InvalidRequest("response_format json_object is not supported by the paged backend", param="response_format")
+        if not request.prompt_tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if s.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        bad = [t for t in request.prompt_tokens if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="prompt")
+        total = len(request.prompt_tokens) + s.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(request.prompt_tokens)} in the messages, {s.max_tokens} in the completion).",
+                param="max_tokens",
+            )
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self.validate(request)
+        if request.request_id in self.seqs:
+            raise InvalidRequest(f"duplicate request id {request.request_id!r}")
+        s = request.sampling
+        seq = Sequence(request.request_id, list(request.prompt_tokens), s, priority=request.priority)
+        stop_ids = set(s.stop_token_ids)
+        if not s.ignore_eos:
+            stop_ids.update(self.tokenizer.eos_token_ids)
+        seq.state = _SeqRuntime(
+            sampler=SamplerState.create(s, seq.prompt_ids, "cpu"),
+            detok=IncrementalDetokenizer(self.tokenizer, seq.prompt_ids),
+            stops=StopMatcher(s.stop),
+            stop_ids=frozenset(stop_ids),
+        )
+        self.seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+        self.counters.prompt_tokens += len(seq.prompt_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks now. False if it is unknown or already done."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        self.counters.requests_aborted += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Run one scheduler step; return the deltas of the sequences that produced tokens."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        prefills = [s for s in plan.scheduled if s.num_tokens > 1]
+        decodes = [s for s in plan.scheduled if s.num_tokens == 1]
+        ordered = prefills + decodes
+        input_ids, positions, meta, sample_rows = self._prepare(prefills, decodes)
+        hidden = self.model.forward(input_ids, positions, meta, self.cache)
+        samplers = [s for s in ordered if s.samples]
+        for s in ordered:
+            s.seq.num_computed += s.num_tokens
+            self.block_manager.commit_full_blocks(s.seq)
+        outputs: list[StepOutput] = []
+        if samplers:
+            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
+            if logits.device.type != "cpu":
+                logits = logits.cpu()  # the per-request generators live on the CPU
+            results = sample(logits, [s.seq.state.sampler for s in samplers])
+            for s, r in zip(samplers, results):
+                outputs.append(self._append_token(s.seq, r))
+        self.counters.steps += 1
+        self.counters.step_time_s += time.perf_counter() - t0
+        return outputs
+
+    def _prepare(
+        self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.options.block_size
+        dev = self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        starts, qlens, ctx_slots = [], [], []
+        for s in prefills + decodes:
+            seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
+            row0 = len(ids)
+            ids += seq.token_slice(start, start + n)
+            pos += range(start, start + n)
+            bt = seq.block_table
+            slots += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if s.samples:
+                sample_rows.append(row0 + n - 1)
+            if n > 1:
+                starts.append(row0)
+                qlens.append(n)
+                ctx_slots.append(self._context_slots(bt, start + n))
+        decode_slots = decode_mask = None
+        if decodes:
+            ctx = [d.seq.num_computed + 1 for d in decodes]
+            width = max(ctx)
+            decode_slots = torch.zeros(len(decodes), width, dtype=torch.long, device=dev)
+            for r, d in enumerate(decodes):
+                decode_slots[r, : ctx[r]] = self._context_slots(d.seq.block_table, ctx[r])
+            decode_mask = (torch.arange(width, device=dev)[None, :] < torch.tensor(ctx, device=dev)[:, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            prefill_query_starts=starts,
+            prefill_query_lens=qlens,
+            prefill_context_slots=ctx_slots,
+            num_prefill_tokens=sum(qlens),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+        )
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            meta,
+            sample_rows,
+        )
+
+    def _context_slots(self, block_table: list[int], ctx: int) -> torch.Tensor:
+        bs = self.options.block_size
+        nb = -(-ctx // bs)
+        bt = torch.tensor(block_table[:nb], dtype=torch.long, device=self.device)
+        return (bt[:, None] * bs + torch.arange(bs, device=self.device)[None, :]).reshape(-1)[:ctx]
+
+    def _append_token(self, seq: Sequence, r: Any) -> StepOutput:
+        rt: _SeqRuntime = seq.state
+        token = r.token_id
+        seq.output_ids.append(token)
+        rt.sampler.output_ids.append(token)
+        self.counters.generation_tokens += 1
+        finish: str | None = None
+        text = ""
+        logprobs = None
+        if token in rt.stop_ids:
+            finish = "stop"  # the stop token's own text is not part of the output
+        else:
+            piece = rt.detok.add(token)
+            text, hit = rt.stops.feed(piece)
+            if hit:
+                finish = "stop"
+            if r.logprob is not None:
+                tt = self.tokenizer.token_text
+                logprobs = [TokenLogprob(token, tt(token), r.logprob, [(tt(i), lp) for i, lp in r.top])]
+        if finish is None and (len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len):
+            finish = "length"
+        if finish is not None:
+            if finish == "length" or token in rt.stop_ids:
+                text += rt.stops.flush()
+            self.seqs.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+            self.counters.requests_finished += 1
+        return StepOutput(seq.request_id, GenerationDelta(text=text, token_ids=[token], finish_reason=finish, logprobs=logprobs))
+
+    # -- observability ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """Plain numbers under vLLM-compatible names; the gateway exports them."""
+        bm = self.block_manager
+        return {
+            "vllm:kv_cache_usage_perc": bm.usage(),
+            "vllm:num_requests_running": float(len(self.scheduler.running)),
+            "vllm:num_requests_waiting": float(len(self.scheduler.waiting)),
+            "vllm:prefix_cache_queries": float(bm.prefix_queries),
+            "vllm:prefix_cache_hits": float(bm.prefix_hits),
+            "vllm:num_preemptions": float(self.scheduler.num_preemptions),
+            "vllm:prompt_tokens": float(self.counters.prompt_tokens),
+            "vllm:generation_tokens": float(self.counters.generation_tokens),
+            "turnout:paged_kv_free_blocks": float(bm.num_free_blocks),
+            "turnout:paged_kv_total_blocks": float(bm.num_blocks),
+            "turnout:paged_steps": float(self.counters.steps),
+        }
+
+    def generate_sync(self, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+        """Run requests to completion on this thread; return output token ids by request id.
+        (Tests and benchmarks.)"""
+        out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        for r in requests:
+            self.add_request(r)
+        while self.has_unfinished():
+            for o in self.step():
+                out.setdefault(o.request_id, []).extend(o.delta.token_ids)
+        return out

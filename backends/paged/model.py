@@ -1,0 +1,132 @@
+"""The Llama-family decoder: RMSNorm, RoPE (theta and scaling), GQA, SwiGLU, tied or untied
+embeddings, optional qkv bias (Qwen2). Runs a flattened batch of new tokens from many
+sequences at once; attention reads and writes the paged KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from backends.paged.attention import AttentionMetadata, PagedAttention, TorchPagedAttention
+from backends.paged.config import ModelConfig
+from backends.paged.kv_cache import KVCache
+from backends.paged.weights import ModelWeights
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as HF Llama does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies with the model's theta and scaling (HF's rope_type semantics)."""
+    hd = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    if freq_factors is not None:  # llama.cpp's rope_freqs tensor (Llama 3.x GGUFs)
+        return inv / freq_factors.float()
+    s = config.rope_scaling or {}
+    kind = s.get("rope_type") or s.get("type")
+    if kind == "linear":
+        return inv / float(s["factor"])
+    if kind == "llama3":
+        factor = float(s["factor"])
+        low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+        old_ctx = float(s.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    if kind not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaModel:
+    """Forward pass over the paged cache. Holds no per-request state."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: ModelWeights,
+        max_positions: int,
+        attention: PagedAttention | None = None,
+    ) -> None:
+        self.config = config
+        self.w = weights
+        self.dtype = weights.embed.dtype
+        self.device = weights.embed.device
+        self.attn = attention or TorchPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
+        inv = rope_inv_freq(config, weights.rope_freq_factors).to(self.device)
+        freqs = torch.outer(torch.arange(max_positions, device=self.device, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = emb.cos().to(self.dtype)  # [max_positions, head_dim]
+        self._sin = emb.sin().to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        """Hidden states after the final norm for every new token: [T, hidden]."""
+        c = self.config
+        T = input_ids.shape[0]
+        nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = nh * hd, nkv * hd
+        cos = self._cos.index_select(0, positions)[:, None, :]
+        sin = self._sin.index_select(0, positions)[:, None, :]
+        h = self.w.embed.index_select(0, input_ids)
+        for i, layer in enumerate(self.w.layers):
+            x = rms_norm(h, layer.attn_norm, c.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.reshape(T, nh, hd)
+            k = k.reshape(T, nkv, hd)
+            v = v.reshape(T, nkv, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            o = self.attn(q, k, v, cache.k[i], cache.v[i], meta)
+            h = h + F.linear(o.reshape(T, q_size), layer.o)
+            x = rms_norm(h, layer.ffn_norm, c.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        return rms_norm(h, self.w.final_norm, c.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for the given hidden rows: [N, vocab]."""
+        return F.linear(hidden, self.w.lm_head).float()
+
+    @torch.inference_mode()
+    def dense_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits for every position of one sequence with plain causal attention and no cache.
+        A reference for tests: it shares no code with the paged path beyond the layer math."""
+        c = self.config
+        ids = torch.tensor(token_ids, device=self.device)
+        T = ids.shape[0]
+        nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        pos = torch.arange(T, device=self.device)
+        cos, sin = self._cos[pos][:, None, :], self._sin[pos][:, None, :]
+        h = self.w.embed[ids]
+        for layer in self.w.layers:
+            x = rms_norm(h, layer.attn_norm, c.rms_norm_eps)
+            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+            h = h + F.linear(o.transpose(0, 1).reshape(T, nh * hd), layer.o)
+            x = rms_norm(h, layer.ffn_norm, c.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        return self.logits(rms_norm(h, self.w.final_norm, c.rms_norm_eps))

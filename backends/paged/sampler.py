@@ -1,0 +1,103 @@
+"""Next-token selection with OpenAI's sampling parameters.
+
+Each request carries its own torch.Generator (seeded from `seed`, or randomly), and every
+row is sampled on its own, so a seeded request draws the same tokens whatever else shares
+the batch. Logprobs are those of the model's distribution after logit_bias and penalties,
+before temperature and truncation (vLLM's default, "raw" processed logprobs).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from backends.generation import SamplingParams
+
+
+@dataclass
+class SamplerState:
+    """Per-request sampling state."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device | str = "cpu") -> SamplerState:
+        g = torch.Generator(device=device)
+        g.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        return cls(params=params, generator=g, prompt_ids=prompt_ids)
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float | None = None  # None unless logprobs were asked for
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def apply_penalties_and_bias(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
+    """One row of logits [V] with logit_bias and repetition/presence/frequency penalties applied."""
+    p = state.params
+    vocab = logits.shape[-1]
+    if p.logit_bias:
+        ids = torch.tensor([t for t in p.logit_bias if 0 <= t < vocab], dtype=torch.long, device=logits.device)
+        vals = torch.tensor([p.logit_bias[t] for t in p.logit_bias if 0 <= t < vocab], dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(0, ids, vals)
+    if p.repetition_penalty != 1.0:
+        # As in HF/vLLM: tokens seen in prompt or output are made less likely.
+        seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        seen[torch.tensor(state.prompt_ids + state.output_ids, dtype=torch.long, device=logits.device)] = True
+        penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if (p.presence_penalty or p.frequency_penalty) and state.output_ids:
+        # OpenAI: only generated tokens count.
+        counts = torch.bincount(torch.tensor(state.output_ids, dtype=torch.long, device=logits.device), minlength=vocab)[:vocab]
+        counts = counts.to(logits.dtype)
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled logits with top_k, top_p and min_p applied (-inf outside)."""
+    logits = logits / p.temperature
+    vocab = logits.shape[-1]
+    if 0 < p.top_k < vocab:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens strictly before it already reach top_p; keeps >= 1.
+        drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample]:
+    """One token per row of logits [B, V] (float32) for the matching states."""
+    out: list[Sample] = []
+    for row, state in zip(logits, states):
+        p = state.params
+        row = apply_penalties_and_bias(row, state)
+        if p.greedy:
+            token = int(torch.argmax(row))
+        else:
+            probs = truncate(row, p).softmax(-1)
+            token = int(torch.multinomial(probs, 1, generator=state.generator))
+        s = Sample(token)
+        if p.logprobs is not None:
+            logp = torch.log_softmax(row, -1)
+            s.logprob = float(logp[token])
+            if p.logprobs > 0:
+                vals, ids = torch.topk(logp, min(p.logprobs, logp.shape[-1]))
+                s.top = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        out.append(s)
+    return out

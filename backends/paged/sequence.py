@@ -1,0 +1,59 @@
+"""A request's state inside the engine: its tokens, how many are in the KV cache, its blocks."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.generation import SamplingParams
+
+_arrival = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation. `tokens` is prompt + output; the first `num_computed` are in the cache."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    priority: int = 0
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    # Hash chain of this sequence's full, computed blocks (prefix caching), in block order.
+    block_hashes: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_preemptions: int = 0
+    # Per-request state the engine attaches (sampler generator, detokenizer, stop matcher).
+    state: Any = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    def sort_key(self) -> tuple[int, int]:
+        """FCFS within priority (lower priority value runs first)."""
+        return (self.priority, self.arrival)

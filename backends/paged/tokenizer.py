@@ -1,0 +1,227 @@
+"""Tokenizers: built from a GGUF's BPE vocab, merges and pre-tokenizer (so tokens match
+llama.cpp's), from an HF tokenizer.json, or a byte tokenizer for dummy models; plus
+incremental detokenization for streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+# llama.cpp's pre-tokenizer regexes by `tokenizer.ggml.pre` (llama-vocab.cpp). Each is applied
+# in turn as an isolating split, as llama.cpp does, before byte-level BPE.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {
+    "default": [_GPT2],
+    "gpt2": [_GPT2],
+    "smollm": [r"\p{N}", _GPT2],
+    "starcoder": [r"\p{N}", _GPT2],
+    "refact": [r"\p{N}", _GPT2],
+    "llama-bpe": [_LLAMA3],
+    "llama3": [_LLAMA3],
+    "dbrx": [_LLAMA3],
+    "smaug-bpe": [_LLAMA3],
+    "qwen2": [_QWEN2],
+    "stablelm2": [_QWEN2],
+}
+# Pre-tokenizers for which llama.cpp looks a whole word up in the vocab before merging.
+_IGNORE_MERGES = {"llama-bpe", "llama3", "dbrx", "smaug-bpe"}
+
+# GGUF token types (gguf.TokenType).
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+class Tokenizer(Protocol):
+    """What the engine and backend need of a tokenizer."""
+
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    bos_text: str
+    eos_text: str
+    chat_template: str | None
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def token_text(self, token_id: int) -> str: ...
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` with the model's special tokens and chat template."""
+
+    def __init__(
+        self,
+        tok: Any,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: tuple[int, ...],
+        add_bos: bool,
+        chat_template: str | None,
+    ) -> None:
+        self._tok = tok
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.bos_text = tok.id_to_token(bos_token_id) or "" if bos_token_id is not None else ""
+        self.eos_text = tok.id_to_token(eos_token_ids[0]) or "" if eos_token_ids else ""
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids with special tokens parsed and BOS prepended where the model wants it."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids, special tokens (EOS, chat markers) left out, as vLLM does."""
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (for logprobs), special tokens included."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+
+def tokenizer_from_gguf(reader: Any) -> HFTokenizer:
+    """Byte-level BPE tokenizer from a GGUF's tokenizer.ggml.* metadata."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+
+    fields = reader.fields
+
+    def get(key: str, default: Any = None) -> Any:
+        f = fields.get(key)
+        return default if f is None else f.contents()
+
+    kind = get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"GGUF tokenizer model {kind!r} is not supported by the paged backend yet "
+            "(byte-level BPE 'gpt2' is); use an HF model directory with tokenizer.json"
+        )
+    tokens: list[str] = get("tokenizer.ggml.tokens")
+    merges: list[str] = get("tokenizer.ggml.merges") or []
+    types: list[int] = get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    pre = get("tokenizer.ggml.pre", "default")
+    regexes = PRE_TOKENIZER_REGEXES.get(pre)
+    if regexes is None:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported by the paged backend yet")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES)
+    tok = RawTokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>, <|eot_id|>, ...) are matched in the text before BPE, as
+    # llama.cpp does with parse_special; user-defined tokens likewise but are not "special".
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL])
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    bos = get("tokenizer.ggml.bos_token_id")
+    eos = get("tokenizer.ggml.eos_token_id")
+    eot = get("tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
+    return HFTokenizer(
+        tok,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=eos_ids,
+        # llama.cpp's default for BPE vocabularies without the flag is not to add BOS.
+        add_bos=bool(get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=get("tokenizer.chat_template"),
+    )
+
+
+def tokenizer_from_hf_dir(model_dir: Path, eos_token_ids: tuple[int, ...]) -> HFTokenizer:
+    """tokenizer.json plus tokenizer_config.json (chat template, BOS/EOS, add_bos_token)."""
+    from tokenizers import Tokenizer as RawTokenizer
+
+    tok = RawTokenizer.from_file(str(model_dir / "tokenizer.json"))
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+
+    def token_id(value: Any) -> int | None:
+        text = value.get("content") if isinstance(value, dict) else value
+        return tok.token_to_id(text) if text else None
+
+    bos_id = token_id(cfg.get("bos_token"))
+    eos_id = token_id(cfg.get("eos_token"))
+    eos_ids = tuple(dict.fromkeys([*([eos_id] if eos_id is not None else []), *eos_token_ids]))
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return HFTokenizer(
+        tok,
+        bos_token_id=bos_id,
+        eos_token_ids=eos_ids,
+        add_bos=bool(cfg.get("add_bos_token", False)),
+        chat_template=template,
+    )
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, for dummy models: 0 pad, 1 BOS, 2 EOS, 3..258 the bytes.
+    Ids beyond that (random models sample them) read as "<id>"."""
+
+    OFFSET = 3
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.bos_token_id = 1
+        self.eos_token_ids = (2,)
+        self.bos_text = "<s>"
+        self.eos_text = "</s>"
+        self.chat_template: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_token_id, *(b + self.OFFSET for b in text.encode())]
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id < self.OFFSET:
+            return b""
+        if token_id < self.OFFSET + 256:
+            return bytes([token_id - self.OFFSET])
+        return f"<{token_id}>".encode()
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self._bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        return self._bytes(token_id).decode("utf-8", errors="replace")
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids into text deltas without re-decoding everything each step and
+    without emitting half a UTF-8 character (vLLM's prefix/read offset scheme)."""
+
+    # Prompt tokens kept as context: decoders that strip a leading space (SentencePiece)
+    # need something before the first generated token.
+    CONTEXT = 4
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
+        self._tok = tokenizer
+        self._ids = list(prompt_ids[-self.CONTEXT :])
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def add(self, token_id: int) -> str:
+        """Append one generated id; return the text it completes (maybe empty)."""
+        self._ids.append(token_id)
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        full = self._tok.decode(self._ids[self._prefix :])
+        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
+            delta = full[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self._ids)
+            return delta
+        return ""
