@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from opentelemetry.trace import TracerProvider
 
 from gateway.auth import AuthMiddleware, Authenticator, install_auth_handlers
 from gateway.errors import install_error_handlers
 from gateway.keys import FileKeyStore, RedisKeyStore
-from gateway.metrics import build_metrics_registry
+from gateway.metrics import GatewayMetrics, build_metrics_registry
 from gateway.middleware import RequestContextMiddleware
 from gateway.ratelimit import InProcessStore, Limiter, LimiterMetrics, RedisStore, redis_client
 from gateway.registry import BackendRegistry
 from gateway.routes import router
+from gateway.runtime import GatewayRuntime
+from gateway.tracing import Tracing
 from policies.schema import AuthConfig, Config, parse_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
@@ -41,25 +45,41 @@ def build_access(config: Config, metrics: LimiterMetrics) -> tuple[Authenticator
     return Authenticator(config, store, fail_open=fail_mode == "open"), limiter
 
 
-def create_app(config: Config) -> FastAPI:
-    """Build the gateway for `config`. Backends start in the app's lifespan."""
+def create_app(
+    config: Config, *, config_path: str | Path | None = None, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """Build the gateway for `config`. Backends start in the app's lifespan. With
+    `config_path`, the policy reloads from that file (on change, SIGHUP, /admin/reload).
+    `tracer_provider`: tracing for tests; otherwise OpenTelemetry's OTEL_* variables decide."""
     registry = BackendRegistry(config)
-    metrics = build_metrics_registry(registry)
-    authenticator, limiter = build_access(config, LimiterMetrics(metrics))
+    prometheus = build_metrics_registry(
+        registry, lambda name: runtime.dispatcher.board.available(name, time.monotonic())
+    )
+    authenticator, limiter = build_access(config, LimiterMetrics(prometheus))
+    runtime = GatewayRuntime(
+        config,
+        registry,
+        GatewayMetrics(prometheus),
+        Tracing(tracer_provider),
+        config_path=Path(config_path) if config_path else None,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await registry.start()
+        runtime.start_background()
         try:
             yield
         finally:
+            await runtime.stop_background()
             await limiter.close()
             await registry.close()
+            runtime.tracing.shutdown()
 
     app = FastAPI(title="turnout", version="0.1.0", lifespan=lifespan)
-    app.state.registry = registry
+    app.state.runtime = runtime
     app.state.config = config
-    app.state.metrics = metrics
+    app.state.metrics = prometheus
     app.state.authenticator = authenticator
     app.state.limiter = limiter
     app.include_router(router)

@@ -186,8 +186,10 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
+        started = time.time_ns()
         try:
             state["principal"] = await self.auth.authenticate(scope["headers"])
+            state["auth_span_ns"] = (started, time.time_ns())  # for the request's trace
         except AuthError as exc:
             await _send(send, _invalid_key(str(exc)))
             return
@@ -260,11 +262,6 @@ async def _prompt_estimate(request: Request) -> int:
     length = request.headers.get("content-length")
     size = int(length) if length and length.isdigit() else len(await request.body())
     return (size + 3) // 4
-
-
-def usage_tokens(result: Any) -> int | None:
-    usage = getattr(result, "usage", None)
-    return usage.total_tokens if usage is not None else None
 
 
 def install_auth_handlers(app: FastAPI) -> None:

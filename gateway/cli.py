@@ -54,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if backend.kind in ("llamacpp", "paged") and backend.model in model_store.KNOWN_MODELS:
             model_store.pull(backend.model)
     try:
-        app = create_app(config)
+        app = create_app(config, config_path=args.config)
     except ConfigError as exc:
         print(f"turnout: cannot load config: {exc}", file=sys.stderr)
         return 2
@@ -211,6 +211,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate policy files offline (for ops' own CI): exit 0 when all are valid."""
+    from gateway.app import load_config
+
+    failed = 0
+    for path in args.configs:
+        try:
+            config = load_config(path)
+        except (ConfigError, OSError) as exc:
+            print(f"{exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: ok ({len(config.backends)} backends, {len(config.aliases())} models, {len(config.experiments)} experiments)")
+    return 1 if failed else 0
+
+
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from gateway import ab_report
+
+    return ab_report.run(args)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -245,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model store")
     models.set_defaults(func=cmd_models)
 
+    check = sub.add_parser("check", help="validate policy files without serving them")
+    check.add_argument("configs", nargs="+", metavar="CONFIG")
+    check.set_defaults(func=cmd_check)
+
+    from gateway import ab_report
+
+    ab = sub.add_parser("ab", help="A/B experiments")
+    ab_sub = ab.add_subparsers(dest="ab_command", required=True)
+    report = ab_sub.add_parser("report", help="per-variant latency, errors and throughput, with confidence intervals")
+    ab_report.add_arguments(report)
+    report.set_defaults(func=cmd_ab_report)
+
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     keys.add_argument("--config", help="policy file naming the key store (default: the embedded config)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -264,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     revoke.add_argument("key")
     keys.set_defaults(func=cmd_keys)
+
+    from gateway import bench_engine  # numpy only at import; torch when it runs
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    engine = bench_sub.add_parser("engine", help="paged engine throughput on GPU vs transformers and the roofline")
+    bench_engine.build_parser(engine).set_defaults(func=bench_engine.run)
     return parser
 
 

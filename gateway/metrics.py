@@ -3,7 +3,7 @@ read a vLLM server can read a turnout node the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,8 +28,9 @@ class BackendLoadCollector(Collector):
     """Reads every backend's LoadReport (and engine counters, where a backend keeps them)
     at scrape time: nothing to update on the request path."""
 
-    def __init__(self, registry: BackendRegistry) -> None:
+    def __init__(self, registry: BackendRegistry, available: Callable[[str], bool] | None = None) -> None:
         self.registry = registry
+        self.available = available  # the circuit breaker's view, when there is a dispatcher
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["model_name", "backend"]
@@ -40,6 +41,7 @@ class BackendLoadCollector(Collector):
         block = GaugeMetricFamily("turnout:kv_block_size", "Tokens per KV-cache block.", labels=labels)
         cap = GaugeMetricFamily("turnout:max_running", "Requests the backend runs at once.", labels=labels)
         healthy = GaugeMetricFamily("turnout:backend_healthy", "1 when the backend reports healthy.", labels=labels)
+        circuit = GaugeMetricFamily("turnout:backend_available", "1 unless the circuit breaker ejected the backend.", labels=labels)
         counters = {name: CounterMetricFamily(name, help_, labels=labels) for name, help_ in ENGINE_COUNTERS.items()}
         for name, backend in self.registry.backends.items():
             model = backend.models()[0].id if self.registry.started else name
@@ -52,18 +54,20 @@ class BackendLoadCollector(Collector):
             block.add_metric(values, report.block_size)
             cap.add_metric(values, report.max_running)
             healthy.add_metric(values, 1.0 if report.healthy else 0.0)
+            if self.available is not None:
+                circuit.add_metric(values, 1.0 if self.available(name) else 0.0)
             stats = getattr(backend, "stats", None)  # engines with their own counters (paged)
             engine_stats = stats() if callable(stats) else {}
             for counter_name, family in counters.items():
                 if counter_name in engine_stats:
                     family.add_metric(values, engine_stats[counter_name])
-        yield from (kv, running, waiting, free, block, cap, healthy, *counters.values())
+        yield from (kv, running, waiting, free, block, cap, healthy, circuit, *counters.values())
 
 
-def build_metrics_registry(backends: BackendRegistry) -> CollectorRegistry:
+def build_metrics_registry(backends: BackendRegistry, available: Callable[[str], bool] | None = None) -> CollectorRegistry:
     """A Prometheus registry of this app's own (one per app, so tests can run several)."""
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(BackendLoadCollector(backends))
+    registry = CollectorRegistry()  # no auto_describe: the collector reads live state only at scrape time
+    registry.register(BackendLoadCollector(backends, available))
     return registry
 
 
@@ -86,19 +90,19 @@ class GatewayMetrics:
         )  # fmt: skip
         self.e2e = Histogram(
             "turnout_request_duration_seconds", "End-to-end request latency.",
-            ["route", "model", "backend"], buckets=E2E_BUCKETS, registry=registry,
+            ["route", "model", "backend", "variant"], buckets=E2E_BUCKETS, registry=registry,
         )  # fmt: skip
         self.ttft = Histogram(
             "turnout_time_to_first_token_seconds", "Time to the first generated token.",
-            ["model", "backend"], buckets=TTFT_BUCKETS, registry=registry,
+            ["model", "backend", "variant"], buckets=TTFT_BUCKETS, registry=registry,
         )  # fmt: skip
         self.tpot = Histogram(
             "turnout_time_per_output_token_seconds", "Time per output token after the first.",
-            ["model", "backend"], buckets=TPOT_BUCKETS, registry=registry,
+            ["model", "backend", "variant"], buckets=TPOT_BUCKETS, registry=registry,
         )  # fmt: skip
         self.tokens = Counter(
             "turnout_tokens", "Tokens in (prompt) and out (completion).",
-            ["model", "backend", "direction"], registry=registry,
+            ["model", "backend", "variant", "direction"], registry=registry,
         )  # fmt: skip
         self.rejections = Counter(
             "turnout_rejections", "Requests refused before reaching a backend, by reason.",
@@ -114,15 +118,15 @@ class GatewayMetrics:
 
     def observe(self, outcome: RequestOutcome) -> None:
         """Count a finished request (latencies only for requests that produced tokens)."""
-        backend = outcome.backend or "none"
-        self.requests.labels(outcome.route, outcome.model, backend, outcome.variant or "", str(outcome.status)).inc()
+        backend, variant = outcome.backend or "none", outcome.variant or ""
+        self.requests.labels(outcome.route, outcome.model, backend, variant, str(outcome.status)).inc()
         if outcome.e2e_s is not None:
-            self.e2e.labels(outcome.route, outcome.model, backend).observe(outcome.e2e_s)
+            self.e2e.labels(outcome.route, outcome.model, backend, variant).observe(outcome.e2e_s)
         if outcome.ttft_s is not None:
-            self.ttft.labels(outcome.model, backend).observe(outcome.ttft_s)
+            self.ttft.labels(outcome.model, backend, variant).observe(outcome.ttft_s)
         if outcome.tpot_s is not None:
-            self.tpot.labels(outcome.model, backend).observe(outcome.tpot_s)
+            self.tpot.labels(outcome.model, backend, variant).observe(outcome.tpot_s)
         if outcome.prompt_tokens:
-            self.tokens.labels(outcome.model, backend, "in").inc(outcome.prompt_tokens)
+            self.tokens.labels(outcome.model, backend, variant, "in").inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
-            self.tokens.labels(outcome.model, backend, "out").inc(outcome.completion_tokens)
+            self.tokens.labels(outcome.model, backend, variant, "out").inc(outcome.completion_tokens)

@@ -19,13 +19,11 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter
 
-from backends.protocol import StreamOptions
 from policies.ratelimit import LUA_SCRIPT, Decision, Rate, adjust, decide
 from policies.schema import LimitSpec
 
@@ -320,36 +318,6 @@ class Ticket:
         if used is not None:
             self.limiter.settle(self, used)
 
-    async def meter(self, stream: AsyncIterator[Any], strip_usage: bool) -> AsyncIterator[Any]:
-        """Pass a response stream through, settling with its usage chunk when it ends (or,
-        when the client left before it, the prompt estimate plus one token per chunk).
-        `strip_usage`: the usage chunk was asked for by the gateway, not the client."""
-        self.done = True  # the stream settles, not the route
-        used, chunks = None, 0
-        try:
-            async for item in stream:
-                if item.usage is not None:
-                    used = item.usage.total_tokens
-                    if strip_usage and not item.choices:
-                        continue
-                chunks += 1
-                yield item
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            if used is None:  # the client left early, or the stream failed
-                used = self.prompt_estimate + chunks if chunks else 0
-            self.limiter.settle(self, used)
-
-    def usage_for(self, request: Any) -> bool:
-        """Make a streamed request end with a usage chunk (to reconcile with); True when
-        the client did not ask for one, so `meter` must drop it."""
-        if request.wants_usage_chunk():
-            return False
-        request.stream_options = StreamOptions(include_usage=True)
-        return True
-
 
 class NoTicket:
     """Nothing to meter: no limits apply, or the store is down and fail_mode is open."""
@@ -358,12 +326,6 @@ class NoTicket:
 
     def settle(self, used: int | None) -> None:
         pass
-
-    def meter(self, stream: AsyncIterator[Any], strip_usage: bool) -> AsyncIterator[Any]:
-        return stream
-
-    def usage_for(self, request: Any) -> bool:
-        return False
 
 
 NO_TICKET = NoTicket()

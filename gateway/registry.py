@@ -1,11 +1,11 @@
-"""The backends a gateway serves, built from its config, and model id -> backend lookup."""
+"""The backends a gateway serves, built from its config; kept across policy reloads."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from backends.protocol import Backend, ModelCard, ModelNotFound
+from backends.protocol import Backend, ModelCard
 from policies.schema import BackendConfig, Config, ConfigError
 
 log = logging.getLogger("turnout.registry")
@@ -23,18 +23,32 @@ def build_backend(cfg: BackendConfig) -> Backend:
             from backends.paged.backend import PagedBackend  # torch: imported only when used
 
             return PagedBackend(name=cfg.name, model=cfg.model, model_id=cfg.model_id(), **cfg.options)
+        if cfg.kind == "remote":
+            from backends.remote.openai_http import RemoteBackend
+
+            assert cfg.url is not None  # the schema requires it
+            return RemoteBackend(
+                name=cfg.name, model=cfg.model, url=cfg.url, model_id=cfg.model_id(), api_key_env=cfg.api_key_env, **cfg.options
+            )
+        if cfg.kind == "litellm":
+            from backends.remote.litellm_backend import LiteLLMBackend
+
+            return LiteLLMBackend(
+                name=cfg.name, model=cfg.model, model_id=cfg.model_id(), url=cfg.url, api_key_env=cfg.api_key_env, **cfg.options
+            )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"backend {cfg.name!r} ({cfg.kind}): {exc}") from exc
     raise ConfigError(f"backend {cfg.name!r}: kind {cfg.kind!r} is not supported")
 
 
 class BackendRegistry:
-    """Owns the backends: starts and closes them, and finds the one for a model id."""
+    """Owns the backends: builds, starts and closes them; on a reload, keeps the ones whose
+    config did not change and starts only what is new."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.configs: dict[str, BackendConfig] = {b.name: b for b in config.backends}
         self.backends: dict[str, Backend] = {b.name: build_backend(b) for b in config.backends}
-        self.aliases = config.aliases()
         self.started = False
 
     async def start(self) -> None:
@@ -45,20 +59,28 @@ class BackendRegistry:
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
 
-    def resolve(self, model: str) -> Backend:
-        """The backend to serve `model` (the first of its pool; routing policies come later)."""
-        pool = self.aliases.get(model)
-        if not pool:
-            raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model")
-        return self.backends[pool[0]]
+    async def update(self, config: Config) -> list[Backend]:
+        """Adopt a new config's backends. New or changed ones are built and started before
+        anything switches (a failure leaves the registry as it was); returns the backends no
+        longer used, for the caller to close once their requests are done."""
+        fresh = {b.name: b for b in config.backends if self.configs.get(b.name) != b}
+        built = {name: build_backend(cfg) for name, cfg in fresh.items()}
+        try:
+            await asyncio.gather(*(b.start() for b in built.values()))
+        except BaseException:
+            await asyncio.gather(*(b.close() for b in built.values()), return_exceptions=True)
+            raise
+        wanted = {b.name for b in config.backends}
+        retired = [b for name, b in self.backends.items() if name not in wanted or name in built]
+        self.backends = {**{n: b for n, b in self.backends.items() if n in wanted}, **built}
+        self.configs = {b.name: b for b in config.backends}
+        self.config = config
+        return retired
 
     def model_cards(self) -> list[ModelCard]:
         """One card per model id clients can ask for."""
         cards = []
-        for model_id, pool in self.aliases.items():
+        for model_id, pool in self.config.aliases().items():
             card = self.backends[pool[0]].models()[0].model_copy(update={"id": model_id})
             cards.append(card)
         return cards
-
-    def healthy(self) -> bool:
-        return self.started and all(b.load().healthy for b in self.backends.values())

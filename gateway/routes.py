@@ -2,95 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+import hmac
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from backends.protocol import (
-    Backend,
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    ModelNotFound,
-)
-from gateway.auth import admit, usage_tokens
+from backends.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelNotFound
+from gateway.auth import admit
+from gateway.errors import error_response
+from gateway.generate import generate, unless_disconnected
 from gateway.registry import BackendRegistry
-from gateway.sse import stream_response
-
-T = TypeVar("T")
 
 router = APIRouter()
 
-# How often a non-streamed request checks whether its client is still there.
-DISCONNECT_POLL_S = 0.25
-
 
 def _registry(request: Request) -> BackendRegistry:
-    return request.app.state.registry
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
-    """Await `work`, cancelling it (and so the generation) if the client goes away."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                return Response(status_code=499)  # never seen by the client; for logs
-    finally:
-        if not task.done():
-            task.cancel()
-
-
-def _load_header(backend: Backend) -> dict[str, str]:
-    """The serving backend's load, piggybacked for routers upstream (Envoy ORCA form)."""
-    return {"endpoint-load-metrics": backend.load().to_header()}
+    return request.app.state.runtime.registry
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response) -> ChatCompletion | Response:
-    ticket = await admit(request, body)  # 403 / 429 / 401 (revoked); reserves tokens
-    try:
-        backend = _registry(request).resolve(body.model)
-        if body.stream:
-            strip = ticket.usage_for(body)
-            stream = ticket.meter(backend.chat_stream(body), strip)  # settles when the stream ends
-            return await stream_response(stream, headers=_load_header(backend))
-        result = await _unless_disconnected(request, backend.chat(body))
-    except BaseException:
-        ticket.settle(0)  # nothing was generated: refund the reservation
-        raise
-    ticket.settle(usage_tokens(result))
-    response.headers.update(_load_header(backend))
-    return result
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await unless_disconnected(request, generate("chat", body, request))
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request, response: Response) -> Completion | Response:
-    ticket = await admit(request, body)
-    try:
-        backend = _registry(request).resolve(body.model)
-        if body.stream:
-            strip = ticket.usage_for(body)
-            stream = ticket.meter(backend.completion_stream(body), strip)
-            return await stream_response(stream, headers=_load_header(backend))
-        result = await _unless_disconnected(request, backend.completion(body))
-    except BaseException:
-        ticket.settle(0)
-        raise
-    ticket.settle(usage_tokens(result))
-    response.headers.update(_load_header(backend))
-    return result
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await unless_disconnected(request, generate("completions", body, request))
 
 
 def _visible_cards(request: Request) -> list[ModelCard]:
@@ -129,6 +67,23 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: every backend has started and reports healthy."""
-    ready = _registry(request).healthy()
+    """Readiness: backends started, and every model has at least one backend up."""
+    runtime = request.app.state.runtime
+    ready = runtime.registry.started and runtime.dispatcher.healthy()
     return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+
+
+@router.post("/admin/reload")
+async def admin_reload(request: Request) -> JSONResponse:
+    """Re-read the policy file now (also on SIGHUP and when the file changes)."""
+    runtime = request.app.state.runtime
+    key = runtime.admin_key()
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if key is None:
+        return error_response(403, "The admin API is off: set server.admin_key_env to the name of an environment variable holding the admin key.")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        return error_response(401, "Invalid admin key.", code="invalid_api_key")
+    applied, message = await runtime.reload("admin API")
+    if not applied:
+        return error_response(400, f"The policy was rejected; the previous one keeps serving: {message}", code="invalid_policy")
+    return JSONResponse({"status": "reloaded"})

@@ -10,8 +10,8 @@ request path skips every tracing call.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -57,37 +57,31 @@ class Tracing:
         """The caller's trace context from W3C `traceparent`/`tracestate` headers."""
         return propagate.extract(headers) if self.enabled else None
 
-    @contextmanager
-    def request_span(self, name: str, parent: Context | None, attributes: dict[str, Any]) -> Iterator[Span | None]:
-        """The root span of one request (a server span continuing the caller's trace)."""
-        if self._tracer is None:
-            yield None
-            return
-        with self._tracer.start_as_current_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes, end_on_exit=True
-        ) as span:
-            yield span
-
-    def span(self, name: str, parent: Span | None = None, **attributes: Any) -> Any:
-        """A child step (auth, rate limit, admission, routing, backend call)."""
-        if self._tracer is None:
+    def span(self, name: str, parent: Span | None, **attributes: Any) -> Any:
+        """A child step as a context manager (a no-op when tracing is off)."""
+        if self._tracer is None or parent is None:
             return nullcontext(None)
-        context = trace.set_span_in_context(parent) if parent is not None else None
+        context = trace.set_span_in_context(parent)
         return self._tracer.start_as_current_span(name, context=context, attributes=attributes or None)
 
-    def start_span(self, name: str, parent: Span | None, **attributes: Any) -> Span | None:
-        """A child span the caller ends itself (one that outlives a `with` block: a stream)."""
+    def start_span(
+        self, name: str, parent: Span | None, *, server: bool = False, context: Context | None = None, **attributes: Any
+    ) -> Span | None:
+        """A span the caller ends itself (one that outlives a `with` block: a stream). With
+        `server`, the root span of a request, continuing `context` (the caller's trace)."""
         if self._tracer is None:
             return None
-        context = trace.set_span_in_context(parent) if parent is not None else None
-        return self._tracer.start_span(name, context=context, kind=SpanKind.CLIENT, attributes=attributes or None)
+        if parent is not None:
+            context = trace.set_span_in_context(parent)
+        kind = SpanKind.SERVER if server else SpanKind.CLIENT
+        return self._tracer.start_span(name, context=context, kind=kind, attributes=attributes or None)
 
-    @staticmethod
-    def inject(span: Span | None, headers: dict[str, str]) -> dict[str, str]:
-        """Add `traceparent` for `span` to outgoing headers (to a remote backend)."""
-        if span is not None:
-            propagate.inject(headers, context=trace.set_span_in_context(span))
-        return headers
+    def record_span(self, name: str, parent: Span, start_ns: int, end_ns: int) -> None:
+        """A child for a step timed before its parent existed (auth runs in middleware)."""
+        if self._tracer is None:
+            return
+        child = self._tracer.start_span(name, context=trace.set_span_in_context(parent), start_time=start_ns)
+        child.end(end_time=end_ns)
 
     @staticmethod
     def fail(span: Span | None, message: str) -> None:

@@ -10,6 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from policies.experiments import ExperimentConfig, validate_experiments
+from policies.routing import make_strategy
+
 
 class _Section(BaseModel):
     # Typos in a policy must fail loudly, not be ignored.
@@ -20,17 +23,30 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    admin_key_env: str | None = None  # env var holding the key for /admin/* (unset: no admin API)
+    access_log: bool = True  # one JSON line per request on the `turnout.access` logger
+    log_prompts: bool = False  # include prompts in access-log lines
+    sample_log: str | None = None  # experiment samples (JSONL); default $TURNOUT_HOME/experiments/samples.jsonl
+    watch_config: bool = True  # reload the policy file when it changes on disk
 
 
 class BackendConfig(_Section):
     """One token producer. `options` are passed to the backend's constructor."""
 
     name: str = Field(min_length=1)
-    kind: Literal["llamacpp", "paged", "remote"]
-    model: str = Field(min_length=1)
+    kind: Literal["llamacpp", "paged", "remote", "litellm"]
+    model: str = Field(min_length=1)  # remote/litellm: the upstream's model name
     served_name: str | None = None  # the model id clients use; default: `model`
-    url: str | None = None  # remote backends only
+    url: str | None = None  # remote: the upstream's base URL (…/v1); litellm: optional api_base
+    api_key_env: str | None = None  # remote/litellm: env var holding the upstream's API key
+    weight: float = Field(default=1.0, ge=0)  # share under `weighted`; 0 drains the backend
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _remote_has_url(self) -> BackendConfig:
+        if self.kind == "remote" and not self.url:
+            raise ValueError("a remote backend needs `url` (the upstream's OpenAI base URL)")
+        return self
 
     def model_id(self) -> str:
         """The id clients ask for: served_name, else the model name (a file path's stem)."""
@@ -77,11 +93,45 @@ class LimitsConfig(_Section):
     assumed_max_tokens: int = Field(default=512, ge=1)
 
 
+class TimeoutsConfig(_Section):
+    """Per-route deadlines (a remote backend's connect timeout is its own option)."""
+
+    first_token_s: float = Field(default=60.0, gt=0)  # until the first token (or whole answer's start)
+    total_s: float = Field(default=600.0, gt=0)  # the whole answer
+
+
+class RetryConfig(_Section):
+    """Retries before the first byte only: connect errors, 5xx, timeouts, overload."""
+
+    max_retries: int = Field(default=2, ge=0, le=10)
+    backoff_base_s: float = Field(default=0.05, ge=0)
+    backoff_max_s: float = Field(default=2.0, ge=0)
+
+
+class CircuitSection(_Section):
+    """A backend failing `failures` times within `window_s` is ejected for `cooldown_s`,
+    then probed with one request."""
+
+    failures: int = Field(default=5, ge=1)
+    window_s: float = Field(default=30.0, gt=0)
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
 class RouteConfig(_Section):
     """A model alias clients ask for, served by a pool of backends."""
 
     model: str = Field(min_length=1)
     backends: list[str] = Field(min_length=1)
+    strategy: str = "least_load"
+    strategy_params: dict[str, Any] = Field(default_factory=dict)
+    fallbacks: list[str] = Field(default_factory=list)  # other aliases, tried in order
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> RouteConfig:
+        make_strategy(self.strategy, **self.strategy_params)  # raises ValueError naming the problem
+        return self
 
 
 class Config(_Section):
@@ -91,6 +141,8 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     backends: list[BackendConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(default_factory=list)
+    circuit: CircuitSection = Field(default_factory=CircuitSection)
+    experiments: list[ExperimentConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Config:
@@ -104,7 +156,33 @@ class Config(_Section):
                 raise ValueError(f"route {route.model!r} names unknown backends {unknown}")
         if isinstance(self.auth, AuthConfig) and self.auth.store == "redis" and self.redis is None:
             raise ValueError("auth.store: redis needs a `redis` section (url, timeout_ms, fail_mode)")
+        aliases = self.aliases()
+        for route in self.routes:
+            unknown = [f for f in route.fallbacks if f not in aliases]
+            if unknown:
+                raise ValueError(f"route {route.model!r} falls back to unknown models {unknown}")
+        self._no_fallback_cycles()
+        validate_experiments(self.experiments, names, aliases)
         return self
+
+    def _no_fallback_cycles(self) -> None:
+        graph = {r.model: r.fallbacks for r in self.routes}
+        for start in graph:
+            seen, stack = set(), list(graph[start])
+            while stack:
+                alias = stack.pop()
+                if alias == start:
+                    raise ValueError(f"route {start!r}: fallbacks lead back to itself")
+                if alias not in seen:
+                    seen.add(alias)
+                    stack.extend(graph.get(alias, []))
+
+    def route(self, alias: str) -> RouteConfig:
+        """The explicit route for an alias, or the defaults for a backend's own model id."""
+        for route in self.routes:
+            if route.model == alias:
+                return route
+        return RouteConfig(model=alias, backends=self.aliases()[alias])
 
     def aliases(self) -> dict[str, list[str]]:
         """Model id -> backend names: explicit routes, then each backend's own model id."""
@@ -135,7 +213,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             loc = err["loc"]
             where = ".".join(str(p) for p in loc) or "(top level)"
             line = _line_of(raw, loc)
-            problems.append(f"{source}:{line}: {where}: {err['msg']}" if line else f"{source}: {where}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{source}:{line}: {where}: {msg}" if line else f"{source}: {where}: {msg}")
         raise ConfigError("\n".join(problems)) from exc
 
 

@@ -40,6 +40,7 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    config_path: Path
 
     @property
     def url(self) -> str:
@@ -59,9 +60,11 @@ class Server:
                 self.process.wait(timeout=10)
 
 
-def start_server(config: dict, tmp_dir: Path, *, ready_timeout_s: float = 60.0) -> Server:
+def start_server(
+    config: dict, tmp_dir: Path, *, ready_timeout_s: float = 60.0, port: int | None = None, env: dict | None = None
+) -> Server:
     """Write `config` to a file, run `turnout serve` on it, and wait until /readyz says ready."""
-    port = free_port()
+    port = port or free_port()
     config_path = tmp_dir / f"config-{port}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log = tmp_dir / f"server-{port}.log"
@@ -70,9 +73,9 @@ def start_server(config: dict, tmp_dir: Path, *, ready_timeout_s: float = 60.0) 
         cwd=REPO,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
-    server = Server(process, port, log)
+    server = Server(process, port, log, config_path)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
