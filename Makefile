@@ -35,10 +35,14 @@ pull: install
 serve: pull
 	$(VENV)/bin/turnout serve --host $(HOST) --port $(PORT)
 
-# redis-server (Debian package) for the tests that share limits through a real Redis.
+# Debian packages the tests start for real: redis-server (shared limits), nginx (the deploy
+# config in front of two gateways), openssl (its test certificate).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_DEPS := redis-server nginx openssl
 system-deps:
-	@command -v redis-server >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server)
+	@missing=""; for dep in $(SYSTEM_DEPS); do \
+	  command -v $$dep >/dev/null || [ -x /usr/sbin/$$dep ] || missing="$$missing $$dep"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $$missing; fi
 
 test: system-deps install-dev pull
 	$(PY) -m pytest -q -ra

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,9 +52,7 @@ def create_app(
     `config_path`, the policy reloads from that file (on change, SIGHUP, /admin/reload).
     `tracer_provider`: tracing for tests; otherwise OpenTelemetry's OTEL_* variables decide."""
     registry = BackendRegistry(config)
-    prometheus = build_metrics_registry(
-        registry, lambda name: runtime.dispatcher.board.available(name, time.monotonic())
-    )
+    prometheus, load_collector = build_metrics_registry(registry, lambda: runtime.dispatcher)
     authenticator, limiter = build_access(config, LimiterMetrics(prometheus))
     runtime = GatewayRuntime(
         config,
@@ -80,6 +78,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.config = config
     app.state.metrics = prometheus
+    app.state.load_collector = load_collector
     app.state.authenticator = authenticator
     app.state.limiter = limiter
     app.include_router(router)
@@ -91,3 +90,10 @@ def create_app(
         app.add_middleware(AuthMiddleware, authenticator=authenticator)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker of `turnout serve --workers N` (uvicorn imports it by name in
+    each worker process): the config file comes from TURNOUT_CONFIG."""
+    path = os.environ.get("TURNOUT_CONFIG") or None
+    return create_app(load_config(path), config_path=path)

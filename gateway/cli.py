@@ -1,4 +1,4 @@
-"""`turnout` command line: serve, run, pull, models, keys."""
+"""`turnout` command line: serve, run, pull, models, keys, check, ab, bench, sim."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from backends import models as model_store
 from backends.protocol import BackendError, ChatCompletionRequest, ChatMessage
@@ -53,6 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for backend in config.backends:  # fetch known default models on first use, as `ollama serve` does
         if backend.kind in ("llamacpp", "paged") and backend.model in model_store.KNOWN_MODELS:
             model_store.pull(backend.model)
+    if args.workers > 1:
+        _serve_workers(args, host, port)
+        return 0
     try:
         app = create_app(config, config_path=args.config)
     except ConfigError as exc:
@@ -60,6 +65,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, host: str, port: int) -> None:
+    """Several worker processes on one port. Each loads its own backends (use remote
+    backends, or one worker per in-process model); share rate limits through Redis; the
+    workers' metrics are summed through prometheus_client's multiprocess mode."""
+    import tempfile
+
+    import uvicorn
+
+    os.environ["TURNOUT_CONFIG"] = str(Path(args.config).resolve()) if args.config else ""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="turnout-metrics-")
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        workers=args.workers,
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -248,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="policy file (default: the embedded config/default.yaml)")
     serve.add_argument("--host", help="bind address (overrides server.host)")
     serve.add_argument("--port", type=int, help="port (overrides server.port)")
+    serve.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

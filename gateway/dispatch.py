@@ -21,6 +21,7 @@ from policies.circuit import CircuitBoard, CircuitConfig
 from policies.experiments import Experiment, experiments_by_model
 from policies.retry import Backoff, Outcome, RetryPolicy, classify, counts_against_backend
 from policies.routing import NoReplicaAvailable, ReplicaState, RequestFeatures, Strategy, make_strategy
+from gateway.tracing import Tracing
 from policies.schema import Config, RouteConfig
 
 log = logging.getLogger("turnout.dispatch")
@@ -114,17 +115,20 @@ class Dispatcher:
         attempt: Callable[[Backend, Route], Awaitable[T]],
         features: RequestFeatures,
         pool: Sequence[str] | None = None,
+        tracing: Tracing | None = None,
+        span: Any = None,
     ) -> tuple[Lease, T]:
         """Run `attempt` on a backend for `alias` (or the given `pool`, an experiment's
         variant), with retries and then each fallback alias. Returns the lease, still held:
-        the caller releases it when the answer is done (a stream, later)."""
+        the caller releases it when the answer is done (a stream, later). With `tracing`,
+        each routing decision is a child span of `span`."""
         chain = [alias, *self.route(alias).config.fallbacks]
         last: BaseException | None = None
         for position, name in enumerate(chain):
             route = self.route(name)
             members = list(pool) if pool is not None and position == 0 else route.config.backends
             try:
-                return await self._try_pool(route, members, attempt, features)
+                return await self._try_pool(route, members, attempt, features, tracing, span)
             except NoReplicaAvailable as exc:
                 last = exc
             except Exception as exc:
@@ -142,6 +146,8 @@ class Dispatcher:
         members: Sequence[str],
         attempt: Callable[[Backend, Route], Awaitable[T]],
         features: RequestFeatures,
+        tracing: Tracing | None,
+        span: Any,
     ) -> tuple[Lease, T]:
         tried: set[str] = set()
         attempts = 0
@@ -149,7 +155,12 @@ class Dispatcher:
             replicas = self.replicas(members, tried)
             if tried and not any(r.eligible() for r in replicas):
                 replicas = self.replicas(members)  # every backend tried once: allow a second go
-            name = route.strategy.choose(features, replicas)
+            if tracing is not None and span is not None:
+                with tracing.span("turnout.route", span, **{"turnout.strategy": route.config.strategy}) as decision:
+                    name = route.strategy.choose(features, replicas)
+                    decision.set_attribute("turnout.backend", name)
+            else:
+                name = route.strategy.choose(features, replicas)
             now = self.clock()
             breaker = self.board.breaker(name)
             breaker.begin(now)

@@ -73,7 +73,7 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
             strip_usage = not body.wants_usage_chunk()
             body.stream_options = StreamOptions(include_usage=True)  # usage for limits and metrics
             lease, (stream, backend_span) = await dispatcher.call(
-                body.model, lambda b, r: _open_stream(kind, b, r, body, tracing, span), features, pool
+                body.model, lambda b, r: _open_stream(kind, b, r, body, tracing, span), features, pool, tracing, span
             )
             outcome.backend = lease.name
             deadline = asyncio.get_running_loop().time() + dispatcher.route(body.model).config.timeouts.total_s
@@ -84,7 +84,7 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
             handed_to_stream = True
             return await stream_response(_finally(events, finish), headers=headers)
         lease, (result, backend_span) = await dispatcher.call(
-            body.model, lambda b, r: _answer(kind, b, r, body, tracing, span), features, pool
+            body.model, lambda b, r: _answer(kind, b, r, body, tracing, span), features, pool, tracing, span
         )
         outcome.backend = lease.name
         try:

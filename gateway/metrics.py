@@ -3,14 +3,20 @@ read a vLLM server can read a turnout node the same way."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.outcome import RequestOutcome
 from gateway.registry import BackendRegistry
+
+if TYPE_CHECKING:
+    from gateway.dispatch import Dispatcher
 
 
 # Monotonic engine counters a backend's `stats()` may report, by their vLLM names.
@@ -28,9 +34,9 @@ class BackendLoadCollector(Collector):
     """Reads every backend's LoadReport (and engine counters, where a backend keeps them)
     at scrape time: nothing to update on the request path."""
 
-    def __init__(self, registry: BackendRegistry, available: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, registry: BackendRegistry, dispatcher: Callable[[], Dispatcher] | None = None) -> None:
         self.registry = registry
-        self.available = available  # the circuit breaker's view, when there is a dispatcher
+        self.dispatcher = dispatcher  # the current policy's: circuit states and in-flight counts
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["model_name", "backend"]
@@ -42,6 +48,9 @@ class BackendLoadCollector(Collector):
         cap = GaugeMetricFamily("turnout:max_running", "Requests the backend runs at once.", labels=labels)
         healthy = GaugeMetricFamily("turnout:backend_healthy", "1 when the backend reports healthy.", labels=labels)
         circuit = GaugeMetricFamily("turnout:backend_available", "1 unless the circuit breaker ejected the backend.", labels=labels)
+        in_flight = GaugeMetricFamily("turnout:in_flight_requests", "Requests this gateway has in flight per backend.", labels=labels)
+        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        now = time.monotonic()
         counters = {name: CounterMetricFamily(name, help_, labels=labels) for name, help_ in ENGINE_COUNTERS.items()}
         for name, backend in self.registry.backends.items():
             model = backend.models()[0].id if self.registry.started else name
@@ -54,21 +63,39 @@ class BackendLoadCollector(Collector):
             block.add_metric(values, report.block_size)
             cap.add_metric(values, report.max_running)
             healthy.add_metric(values, 1.0 if report.healthy else 0.0)
-            if self.available is not None:
-                circuit.add_metric(values, 1.0 if self.available(name) else 0.0)
+            if dispatcher is not None:
+                circuit.add_metric(values, 1.0 if dispatcher.board.available(name, now) else 0.0)
+                in_flight.add_metric(values, dispatcher.in_flight.get(name, 0))
             stats = getattr(backend, "stats", None)  # engines with their own counters (paged)
             engine_stats = stats() if callable(stats) else {}
             for counter_name, family in counters.items():
                 if counter_name in engine_stats:
                     family.add_metric(values, engine_stats[counter_name])
-        yield from (kv, running, waiting, free, block, cap, healthy, circuit, *counters.values())
+        yield from (kv, running, waiting, free, block, cap, healthy, circuit, in_flight, *counters.values())
 
 
-def build_metrics_registry(backends: BackendRegistry, available: Callable[[str], bool] | None = None) -> CollectorRegistry:
-    """A Prometheus registry of this app's own (one per app, so tests can run several)."""
+def build_metrics_registry(
+    backends: BackendRegistry, dispatcher: Callable[[], Dispatcher] | None = None
+) -> tuple[CollectorRegistry, BackendLoadCollector]:
+    """A Prometheus registry of this app's own (one per app, so tests can run several), and
+    its collector of backend load."""
     registry = CollectorRegistry()  # no auto_describe: the collector reads live state only at scrape time
-    registry.register(BackendLoadCollector(backends, available))
-    return registry
+    load = BackendLoadCollector(backends, dispatcher)
+    registry.register(load)
+    return registry, load
+
+
+def exposition(registry: CollectorRegistry, load: Collector) -> bytes:
+    """The /metrics page. With several workers (PROMETHEUS_MULTIPROC_DIR set), counters and
+    histograms are summed over every worker's files; backend load is this worker's view."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return generate_latest(registry)
+    from prometheus_client import multiprocess
+
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)
+    merged.register(load)
+    return generate_latest(merged)
 
 
 # Buckets for LLM latencies: first tokens in tens of ms to a minute, whole answers to ten
@@ -82,7 +109,7 @@ class GatewayMetrics:
     """The gateway's own request metrics, observed once per request from its outcome."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Histogram
 
         self.requests = Counter(
             "turnout_requests", "Requests by route, model, backend, variant and status.",
@@ -108,10 +135,6 @@ class GatewayMetrics:
             "turnout_rejections", "Requests refused before reaching a backend, by reason.",
             ["reason"], registry=registry,
         )  # fmt: skip
-        self.in_flight = Gauge(
-            "turnout_in_flight_requests", "Requests in flight per backend.", ["backend"],
-            registry=registry, multiprocess_mode="livesum",
-        )  # fmt: skip
         self.reloads = Counter(
             "turnout_policy_reloads", "Policy reloads by result.", ["result"], registry=registry
         )  # fmt: skip
@@ -130,3 +153,5 @@ class GatewayMetrics:
             self.tokens.labels(outcome.model, backend, variant, "in").inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
             self.tokens.labels(outcome.model, backend, variant, "out").inc(outcome.completion_tokens)
+        if outcome.backend is None and outcome.status in (403, 429, 503):
+            self.rejections.labels(outcome.error_code or str(outcome.status)).inc()

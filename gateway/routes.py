@@ -6,12 +6,13 @@ import hmac
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from backends.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelNotFound
 from gateway.auth import admit
 from gateway.errors import error_response
 from gateway.generate import generate, unless_disconnected
+from gateway.metrics import exposition
 from gateway.registry import BackendRegistry
 
 router = APIRouter()
@@ -56,7 +57,8 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text: backend load under vLLM's names (see gateway/metrics.py)."""
-    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+    page = exposition(request.app.state.metrics, request.app.state.load_collector)
+    return Response(page, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

@@ -61,7 +61,13 @@ class Server:
 
 
 def start_server(
-    config: dict, tmp_dir: Path, *, ready_timeout_s: float = 60.0, port: int | None = None, env: dict | None = None
+    config: dict,
+    tmp_dir: Path,
+    *,
+    ready_timeout_s: float = 60.0,
+    port: int | None = None,
+    env: dict | None = None,
+    extra_args: list[str] | None = None,
 ) -> Server:
     """Write `config` to a file, run `turnout serve` on it, and wait until /readyz says ready."""
     port = port or free_port()
@@ -69,7 +75,7 @@ def start_server(
     config_path.write_text(yaml.safe_dump(config))
     log = tmp_dir / f"server-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path), "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path), "--port", str(port), "--log-level", "warning", *(extra_args or [])],
         cwd=REPO,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

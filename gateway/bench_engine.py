@@ -1,0 +1,471 @@
+"""`turnout bench engine`: offline throughput of the paged engine on dummy weights, with
+transformers' continuous batching on the same GPU and the same weights as the peer, and the
+decode phase against the memory-bandwidth roofline.
+
+    turnout bench engine --shape llama3-8b --num-requests 256 --input-len 256 --output-len 256 \
+        --json bench.json
+
+Workloads: `fixed` (every request input-len prompt tokens, output-len generated tokens) or
+`sharegpt` (lengths drawn from log-normal distributions shaped like ShareGPT's, seeded).
+Every request ignores EOS and generates exactly its output length, greedy.
+
+The roofline: a decode step must read every weight once and the KV of every context token
+once; that many bytes over the device's measured copy bandwidth (bytes read + written by a
+large device-to-device copy) is the step's floor. Efficiency = floor / measured step time,
+summed over the pure-decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+SHAPES = ("smollm2-135m", "llama3-1b", "llama3-8b", "tiny")  # tiny: CPU smoke runs
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(kind: str, n: int, input_len: int, output_len: int, vocab: int, seed: int) -> Workload:
+    """Random prompt token ids (never specials) and output lengths for n requests.
+
+    sharegpt: log-normal lengths with medians input_len / output_len and ShareGPT-like spread
+    (sigma 0.9 for prompts, 0.7 for outputs), clipped to [4, 8 x median]."""
+    rng = np.random.default_rng(seed)
+    if kind == "fixed":
+        ins = np.full(n, input_len)
+        outs = np.full(n, output_len)
+    elif kind == "sharegpt":
+        ins = np.clip(np.round(rng.lognormal(math.log(input_len), 0.9, n)), 4, 8 * input_len).astype(int)
+        outs = np.clip(np.round(rng.lognormal(math.log(output_len), 0.7, n)), 4, 8 * output_len).astype(int)
+    else:
+        raise ValueError(f"unknown workload {kind!r}")
+    prompts = [rng.integers(3, vocab, size=int(k)).tolist() for k in ins]
+    return Workload(prompts, [int(x) for x in outs])
+
+
+def percentiles(values: Sequence[float], ps: Sequence[int] = (50, 90, 99)) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{p}": float(np.percentile(arr, p)) for p in ps} | {"mean": float(arr.mean())}
+
+
+def copy_bandwidth(torch: Any, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / float(np.median(times))
+
+
+@dataclass
+class EngineResult:
+    shape: str
+    workload: str
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    duration_s: float
+    output_tok_s: float
+    total_tok_s: float
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    kv_pool_blocks: int
+    kv_pool_gib: float
+    kv_usage_peak: float
+    preemptions: int
+    steps: int
+    decode_steps: int
+    graph_steps: int
+    decode_step_ms: dict[str, float]
+    decode_gpu_ms_mean: float  # CUDA-event time of the model call in decode steps
+    decode_batch_mean: float
+    roofline: dict[str, float]
+    load_s: float
+    profile: dict[str, Any] = field(default_factory=dict)
+
+
+def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[EngineResult, Any]:
+    """Our engine over the workload; returns the result and the engine (for the peer's weights)."""
+    import torch
+
+    from backends.generation import GenerationRequest, SamplingParams
+    from backends.paged.engine import LLMEngine
+    from backends.paged.kv_cache import bytes_per_block
+
+    cuda = args.device == "cuda"
+    t0 = time.perf_counter()
+    engine = LLMEngine.from_model(
+        f"dummy:{args.shape}",
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+    )
+    _sync(torch, cuda)
+    load_s = time.perf_counter() - t0
+    cfg = engine.config
+
+    # Warm-up: compile the prefill kernels and touch every code path once.
+    # Its prompts share no block with the workload's, so the prefix cache gives the run nothing.
+    warm_prompts = [[3 + (7 * i + 13 * j) % (cfg.vocab_size - 3) for j in range(40 + 9 * i)] for i in range(8)]
+    warm = [GenerationRequest(f"warm{i}", p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)) for i, p in enumerate(warm_prompts)]
+    engine.generate_sync(warm)
+
+    # CUDA events around the model call split GPU time from the step's host work.
+    run_model = engine._run_model
+    events: list[tuple[Any, Any]] = []
+
+    def timed_run_model(inp: Any) -> Any:
+        a, b = _Stamp(torch, cuda), _Stamp(torch, cuda)
+        a.record()
+        out = run_model(inp)
+        b.record()
+        events.append((a, b))
+        return out
+
+    engine._run_model = timed_run_model
+
+    reqs = [
+        GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        for i, (p, n) in enumerate(zip(work.prompts, work.output_lens))
+    ]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    count: dict[str, int] = {}
+    steps: list[tuple[float, Any, Any]] = []  # (wall seconds, StepInfo, CUDA events)
+    usage_peak = 0.0
+    prof_result: dict[str, Any] = {}
+    preempt0 = engine.scheduler.num_preemptions
+    graph0 = engine.counters.graph_steps
+    t_start = time.perf_counter()
+    for r in reqs:
+        engine.add_request(r)
+    decode_seen = 0
+    while engine.has_unfinished():
+        profiling = args.profile and cuda and decode_seen == args.profile_after
+        if profiling:
+            n_events = len(events)
+            prof_result = profile_decode_steps(engine, torch, args.profile_steps, first, last, count)
+            del events[n_events:]  # profiled steps stay out of the step statistics
+            decode_seen += 1
+            continue
+        n_events = len(events)
+        ts = time.perf_counter()
+        outs = engine.step()
+        te = time.perf_counter()
+        if len(events) > n_events:  # the step ran the model (an empty plan does not)
+            info = engine.last_step
+            steps.append((te - ts, info, events[-1]))
+            if info.num_prefill_tokens == 0:
+                decode_seen += 1
+        usage_peak = max(usage_peak, engine.block_manager.usage())
+        for o in outs:
+            rid = o.request_id
+            if rid not in first:
+                first[rid] = te
+            last[rid] = te
+            count[rid] = count.get(rid, 0) + len(o.delta.token_ids)
+    duration = time.perf_counter() - t_start
+    engine._run_model = run_model
+
+    produced = sum(count.values())
+    ttft = [(first[r.request_id] - t_start) * 1e3 for r in reqs if r.request_id in first]
+    tpot = [(last[r.request_id] - first[r.request_id]) * 1e3 / (count[r.request_id] - 1) for r in reqs if count.get(r.request_id, 0) > 1]
+
+    # Decode roofline over pure-decode steps: weights once + every context token's K and V.
+    weight_bytes = engine.model.w.nbytes()
+    kv_token_bytes = bytes_per_block(cfg, 1, engine.dtype)
+    dec = [(wall, info, a.elapsed_time(b)) for wall, info, (a, b) in steps if info.num_prefill_tokens == 0]
+    floor_s = sum((weight_bytes + info.context_tokens * kv_token_bytes) / bw for _, info, _ in dec) if bw else 0.0
+    wall_s = sum(w for w, _, _ in dec)
+    gpu_s = sum(g for _, _, g in dec) / 1e3
+    bytes_total = sum(weight_bytes + info.context_tokens * kv_token_bytes for _, info, _ in dec)
+    roofline = {
+        "copy_bandwidth_gb_s": bw / 1e9,  # 0 on CPU: no roofline there
+        "weight_bytes": float(weight_bytes),
+        "kv_bytes_per_token": float(kv_token_bytes),
+        "mean_bytes_per_step": bytes_total / max(1, len(dec)),
+        "floor_ms_per_step": floor_s * 1e3 / max(1, len(dec)),
+        "achieved_gb_s": bytes_total / wall_s / 1e9 if wall_s else 0.0,
+        "efficiency": floor_s / wall_s if wall_s else 0.0,  # of the step's wall time
+        "efficiency_gpu_time": floor_s / gpu_s if gpu_s else 0.0,  # of the model call's GPU time
+    }
+    bm = engine.block_manager
+    result = EngineResult(
+        shape=args.shape,
+        workload=args.workload,
+        num_requests=len(reqs),
+        prompt_tokens=work.prompt_tokens,
+        output_tokens=produced,
+        duration_s=duration,
+        output_tok_s=produced / duration,
+        total_tok_s=(produced + work.prompt_tokens) / duration,
+        ttft_ms=percentiles(ttft),
+        tpot_ms=percentiles(tpot),
+        kv_pool_blocks=bm.num_blocks,
+        kv_pool_gib=engine.cache.nbytes() / 2**30,
+        kv_usage_peak=usage_peak,
+        preemptions=engine.scheduler.num_preemptions - preempt0,
+        steps=len(steps),
+        decode_steps=len(dec),
+        graph_steps=engine.counters.graph_steps - graph0,
+        decode_step_ms=percentiles([w * 1e3 for w, _, _ in dec]),
+        decode_gpu_ms_mean=gpu_s * 1e3 / max(1, len(dec)),
+        decode_batch_mean=float(np.mean([info.num_decodes for _, info, _ in dec])) if dec else 0.0,
+        roofline=roofline,
+        load_s=load_s,
+        profile=prof_result,
+    )
+    return result, engine
+
+
+def _sync(torch: Any, cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+class _Stamp:
+    """A CUDA event on the GPU (device time), a host clock reading on the CPU."""
+
+    def __init__(self, torch: Any, cuda: bool) -> None:
+        self._event = torch.cuda.Event(enable_timing=True) if cuda else None
+        self._t = 0.0
+
+    def record(self) -> None:
+        if self._event is not None:
+            self._event.record()
+        else:
+            self._t = time.perf_counter()
+
+    def elapsed_time(self, end: _Stamp) -> float:
+        """Milliseconds from this stamp to `end`."""
+        if self._event is not None:
+            return self._event.elapsed_time(end._event)
+        return (end._t - self._t) * 1e3
+
+
+def profile_decode_steps(engine: Any, torch: Any, n: int, first: dict, last: dict, count: dict) -> dict[str, Any]:
+    """torch.profiler over n engine steps: GPU kernel time against wall time, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            te_outs = engine.step()
+            te = time.perf_counter()
+            for o in te_outs:
+                first.setdefault(o.request_id, te)
+                last[o.request_id] = te
+                count[o.request_id] = count.get(o.request_id, 0) + len(o.delta.token_ids)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = []
+    total_us = 0.0
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "self_cuda_time_total", 0.0)
+        if dev_us and ev.key and not ev.key.startswith("cuda"):
+            kernels.append((ev.key, dev_us, ev.count))
+            total_us += dev_us
+    kernels.sort(key=lambda k: -k[1])
+    return {
+        "steps": n,
+        "wall_ms_per_step": wall * 1e3 / n,
+        "gpu_kernel_ms_per_step": total_us / 1e3 / n,
+        "gpu_busy_fraction": (total_us / 1e6) / wall if wall else 0.0,
+        "top_kernels": [{"name": k[:90], "ms_per_step": us / 1e3 / n, "calls_per_step": c / n} for k, us, c in kernels[:12]],
+    }
+
+
+def run_transformers(engine: Any, work: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    """transformers' continuous batching (generate_batch, paged cache) on the engine's weights."""
+    import inspect
+
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    from backends.paged.hf_compat import build_hf_model
+
+    if len(set(work.output_lens)) != 1:
+        return {"skipped": "generate_batch takes one max_new_tokens for all requests; run the fixed workload"}
+    config, weights = engine.config, engine.model.w
+    # Free the engine's KV pool and graphs first: transformers sizes its cache from free memory.
+    engine.cache.k.clear()
+    engine.cache.v.clear()
+    engine.graphs = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = build_hf_model(config, weights, attn_implementation=args.hf_attn)
+    del weights
+    engine.model = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    gen = GenerationConfig(max_new_tokens=work.output_lens[0], do_sample=False, eos_token_id=-1, pad_token_id=0)
+    params = inspect.signature(model.generate_batch).parameters
+    kwargs: dict[str, Any] = {}
+    if "progress_bar" in params:
+        kwargs["progress_bar"] = False
+
+    def generate(prompts: list[list[int]], max_new: int) -> dict[str, Any]:
+        g = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": max_new})
+        with torch.inference_mode():
+            return model.generate_batch(inputs=prompts, generation_config=g, **kwargs)
+
+    generate([p[:32] for p in work.prompts[:8]], 8)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = generate(work.prompts, work.output_lens[0])
+    torch.cuda.synchronize()
+    duration = time.perf_counter() - t0
+    produced = sum(len(o.generated_tokens) for o in out.values())
+    return {
+        "transformers_version": transformers.__version__,
+        "attn_implementation": model.config._attn_implementation,
+        "requests_returned": len(out),
+        "output_tokens": produced,
+        "duration_s": duration,
+        "output_tok_s": produced / duration,
+        "total_tok_s": (produced + work.prompt_tokens) / duration,
+    }
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The benchmark's options (also used as the `turnout bench engine` subparser)."""
+    p = parser or argparse.ArgumentParser(prog="turnout bench engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="smollm2-135m", help="dummy model shape (random weights)")
+    p.add_argument("--workload", choices=("fixed", "sharegpt"), default="fixed")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (median for sharegpt)")
+    p.add_argument("--output-len", type=int, default=256, help="generated tokens (median for sharegpt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
+    p.add_argument("--hf-attn", default="sdpa", help="attn_implementation for the transformers peer")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")
+    p.add_argument("--profile-after", type=int, default=64, help="decode steps before the profiled ones")
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run (no roofline, no peer)")
+    p.add_argument("--json", dest="json_path", help="write the results here")
+    return p
+
+
+def print_table(report: dict[str, Any]) -> None:
+    e = report["engine"]
+    hf = report.get("transformers") or {}
+    rf = e["roofline"]
+    rows = [
+        ("shape / workload", f"{e['shape']} / {e['workload']} ({e['num_requests']} req, {e['prompt_tokens']} prompt + {e['output_tokens']} output tok)"),
+        ("output tok/s", f"{e['output_tok_s']:,.0f}"),
+        ("total tok/s", f"{e['total_tok_s']:,.0f}"),
+        ("duration", f"{e['duration_s']:.2f} s"),
+        ("TTFT p50/p90/p99", "/".join(f"{e['ttft_ms'].get(k, 0):.0f}" for k in ("p50", "p90", "p99")) + " ms"),
+        ("TPOT p50/p90/p99", "/".join(f"{e['tpot_ms'].get(k, 0):.2f}" for k in ("p50", "p90", "p99")) + " ms"),
+        ("KV pool / peak usage", f"{e['kv_pool_gib']:.1f} GiB ({e['kv_pool_blocks']} blocks) / {100 * e['kv_usage_peak']:.1f} %"),
+        ("decode step (wall / GPU)", f"{e['decode_step_ms'].get('mean', 0):.2f} / {e['decode_gpu_ms_mean']:.2f} ms at batch {e['decode_batch_mean']:.0f}, {e['graph_steps']} graph steps"),
+        ("decode roofline", f"floor {rf['floor_ms_per_step']:.2f} ms/step at {rf['copy_bandwidth_gb_s']:.0f} GB/s; {100 * rf['efficiency']:.0f} % of it (GPU time: {100 * rf['efficiency_gpu_time']:.0f} %)"),
+    ]
+    if e.get("profile"):
+        pr = e["profile"]
+        rows.append(("profile (decode)", f"wall {pr['wall_ms_per_step']:.2f} ms/step, GPU kernels {pr['gpu_kernel_ms_per_step']:.2f} ms/step"))
+    if hf.get("output_tok_s"):
+        rows.append(("transformers generate_batch", f"{hf['output_tok_s']:,.0f} output tok/s ({hf['duration_s']:.1f} s, {hf['attn_implementation']})"))
+        rows.append(("speed-up", f"{e['output_tok_s'] / hf['output_tok_s']:.1f}x"))
+    elif hf:
+        rows.append(("transformers", str(hf.get("skipped") or hf.get("error"))))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print a table; write JSON when --json is given. 0 on success."""
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("turnout bench engine needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
+        return 2
+    from backends.paged.config import dummy_config
+
+    cfg = dummy_config(args.shape)
+    work = make_workload(args.workload, args.num_requests, args.input_len, args.output_len, cfg.vocab_size, args.seed)
+    longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
+    args.max_model_len = max(args.max_model_len, longest)
+    bw = copy_bandwidth(torch) if args.device == "cuda" else 0.0
+    result, engine = run_engine(args, work, bw)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "argv": sys.argv,
+        "args": vars(args),
+        "engine": asdict(result),
+    }
+    if not args.no_transformers and args.device == "cuda":
+        try:
+            report["transformers"] = run_transformers(engine, work, args)
+        except Exception as exc:  # the peer failing must not lose our numbers
+            report["transformers"] = {"error": f"{type(exc).__name__}: {exc}"}
+        if report["transformers"].get("output_tok_s"):
+            report["speedup_vs_transformers"] = result.output_tok_s / report["transformers"]["output_tok_s"]
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    print_table(report)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
