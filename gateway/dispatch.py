@@ -13,81 +13,121 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from backends.protocol import Backend, ModelNotFound, UpstreamError
+from gateway.admission import AdmissionController
+from gateway.load_tracker import LoadTracker
 from policies.circuit import CircuitBoard, CircuitConfig
 from policies.experiments import Experiment, experiments_by_model
 from policies.retry import Backoff, Outcome, RetryPolicy, classify, counts_against_backend
-from policies.routing import NoReplicaAvailable, ReplicaState, RequestFeatures, Strategy, make_strategy
+from policies.routing import (
+    CacheAwareStrategy,
+    NoReplicaAvailable,
+    PrefixAffinityStrategy,
+    ReplicaState,
+    RequestFeatures,
+    Strategy,
+    make_strategy,
+)
 from gateway.tracing import Tracing
 from policies.schema import Config, RouteConfig
 
 log = logging.getLogger("turnout.dispatch")
+
+PREFIX_STRATEGIES = (PrefixAffinityStrategy, CacheAwareStrategy)  # they need the prompt's prefix hashes
 
 T = TypeVar("T")
 
 
 @dataclass
 class Route:
-    """A route's live parts: its pool, strategy instance, retry policy and deadlines."""
+    """A route's live parts: its pool, strategy instance (which may hold a prefix index),
+    retry policy and admission queue."""
 
     config: RouteConfig
     strategy: Strategy
     retry: RetryPolicy
+    admission: AdmissionController | None
+
+    @property
+    def uses_prefixes(self) -> bool:
+        return isinstance(self.strategy, PREFIX_STRATEGIES)
 
 
 class Lease:
-    """A call in flight on one backend; `release()` when its answer is done (once)."""
+    """A call in flight on one backend: its KV reservation in the load tracker and its
+    admission slot. `release()` when the answer is done (once; later calls do nothing)."""
 
-    __slots__ = ("backend", "name", "_counts", "_released")
+    __slots__ = ("backend", "name", "_reservation", "_tracker", "_on_release")
 
-    def __init__(self, name: str, backend: Backend, counts: dict[str, int]) -> None:
+    def __init__(self, name: str, backend: Backend, tracker: LoadTracker, features: RequestFeatures) -> None:
         self.name = name
         self.backend = backend
-        self._counts = counts
-        self._released = False
-        counts[name] = counts.get(name, 0) + 1
+        self._tracker = tracker
+        self._reservation = tracker.reserve(name, features.prompt_tokens, features.max_tokens or 0)
+        self._on_release: Callable[[], None] | None = None
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._counts[self.name] -= 1
+        self._tracker.release(self._reservation)  # idempotent
+        if self._on_release is not None:
+            done, self._on_release = self._on_release, None
+            done()
 
 
 class Dispatcher:
-    """One policy's routing state. A reload builds a new Dispatcher; calls in flight keep
-    the one they started with (and the backends it holds)."""
+    """One policy's routing state. A reload builds a new Dispatcher from the old one: the
+    load picture, circuit breakers and (for unchanged routes) strategies carry over; calls
+    in flight keep the dispatcher they started with."""
 
     def __init__(
         self,
         config: Config,
         backends: Mapping[str, Backend],
         *,
-        in_flight: dict[str, int] | None = None,
-        board: CircuitBoard | None = None,
+        previous: Dispatcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        on_admission_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         self.config = config
         self.backends = backends
         self.weights = {b.name: b.weight for b in config.backends}
-        # Shared across reloads, so counts and ejections survive a policy change.
-        self.in_flight = in_flight if in_flight is not None else {}
         circuit = config.circuit
-        self.board = board or CircuitBoard(
+        self.tracker = previous.tracker if previous else LoadTracker(clock=clock)
+        self.board = previous.board if previous else CircuitBoard(
             CircuitConfig(failure_threshold=circuit.failures, window_s=circuit.window_s, cooldown_s=circuit.cooldown_s)
         )
         self.clock = clock
         self.rng = rng or random.Random()
-        self.routes = {alias: self._route(config.route(alias)) for alias in config.aliases()}
+        self.on_admission_wait = on_admission_wait
+        old_routes = previous.routes if previous else {}
+        self.routes = {alias: self._route(config.route(alias), old_routes.get(alias)) for alias in config.aliases()}
         self.experiments: dict[str, Experiment] = experiments_by_model(config.experiments)
+        for name, backend in backends.items():
+            if hasattr(backend, "on_load_report"):  # remote: reports ride on its responses
+                backend.on_load_report = partial(self.tracker.observe, name)
 
-    def _route(self, cfg: RouteConfig) -> Route:
+    def _route(self, cfg: RouteConfig, old: Route | None) -> Route:
+        if old is not None and old.config == cfg:
+            return old  # keeps the strategy's state (prefix index, round-robin credit) and queue
         retries = cfg.retries
         backoff = Backoff(base_s=retries.backoff_base_s, max_s=max(retries.backoff_max_s, retries.backoff_base_s))
-        return Route(cfg, make_strategy(cfg.strategy, **cfg.strategy_params), RetryPolicy(retries.max_retries, backoff))
+        admission = None
+        if cfg.admission is not None:
+            section, pool = cfg.admission, cfg.backends
+            fallback_limit = sum(self.backends[n].load().max_running for n in pool)
+
+            def limit() -> int:
+                return section.limit or self.tracker.pool_capacity(pool) or fallback_limit
+
+            wait_hook = partial(self.on_admission_wait, cfg.model) if self.on_admission_wait else None
+            admission = AdmissionController(limit, section.max_queue, section.default_deadline_s, on_wait=wait_hook)
+        strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
+        return Route(cfg, strategy, RetryPolicy(retries.max_retries, backoff), admission)
 
     def route(self, alias: str) -> Route:
         try:
@@ -95,19 +135,21 @@ class Dispatcher:
         except KeyError:
             raise ModelNotFound(f"The model '{alias}' does not exist or you do not have access to it.", param="model") from None
 
+    def in_flight(self, name: str) -> int:
+        return self.tracker.in_flight(name)
+
     def replicas(self, pool: Sequence[str], skip: set[str] = frozenset()) -> list[ReplicaState]:  # type: ignore[assignment]
-        """What the strategy sees of each backend of a pool, now."""
+        """What the strategy sees of each backend of a pool, now: the last load report
+        (bridged with this gateway's own reservations since), in-flight count, circuit."""
         now = self.clock()
-        return [
-            ReplicaState(
-                name=name,
-                weight=self.weights.get(name, 1.0),
-                in_flight=self.in_flight.get(name, 0),
-                load=self.backends[name].load(),
-                available=name not in skip and self.board.available(name, now),
-            )
-            for name in pool
-        ]
+        states = []
+        for name in pool:
+            backend = self.backends[name]
+            if not hasattr(backend, "on_load_report"):
+                self.tracker.observe(name, backend.load())  # in-process: always current, and cheap
+            available = name not in skip and self.board.available(name, now)
+            states.append(self.tracker.replica_state(name, weight=self.weights.get(name, 1.0), available=available))
+        return states
 
     async def call(
         self,
@@ -119,9 +161,38 @@ class Dispatcher:
         span: Any = None,
     ) -> tuple[Lease, T]:
         """Run `attempt` on a backend for `alias` (or the given `pool`, an experiment's
-        variant), with retries and then each fallback alias. Returns the lease, still held:
-        the caller releases it when the answer is done (a stream, later). With `tracing`,
-        each routing decision is a child span of `span`."""
+        variant): wait for an admission slot where the route has a queue, then try the pool
+        with retries and then each fallback alias. Returns the lease, still held: the caller
+        releases it when the answer is done (a stream, later). With `tracing`, the admission
+        wait and each routing decision are child spans of `span`."""
+        primary = self.route(alias)
+        slot = None
+        if primary.admission is not None:
+            batch = features.priority > 0
+            section = primary.config.admission
+            assert section is not None
+            deadline = section.batch_deadline_s if batch else section.default_deadline_s
+            with _span(tracing, "turnout.admission", span):
+                slot = await primary.admission.acquire("batch" if batch else "interactive", deadline)
+        try:
+            lease, result = await self._call_chain(alias, attempt, features, pool, tracing, span)
+        except BaseException:
+            if slot is not None:
+                primary.admission.release(slot)  # type: ignore[union-attr]
+            raise
+        if slot is not None:
+            lease._on_release = partial(primary.admission.release, slot)  # type: ignore[union-attr]
+        return lease, result
+
+    async def _call_chain(
+        self,
+        alias: str,
+        attempt: Callable[[Backend, Route], Awaitable[T]],
+        features: RequestFeatures,
+        pool: Sequence[str] | None,
+        tracing: Tracing | None,
+        span: Any,
+    ) -> tuple[Lease, T]:
         chain = [alias, *self.route(alias).config.fallbacks]
         last: BaseException | None = None
         for position, name in enumerate(chain):
@@ -155,16 +226,13 @@ class Dispatcher:
             replicas = self.replicas(members, tried)
             if tried and not any(r.eligible() for r in replicas):
                 replicas = self.replicas(members)  # every backend tried once: allow a second go
-            if tracing is not None and span is not None:
-                with tracing.span("turnout.route", span, **{"turnout.strategy": route.config.strategy}) as decision:
-                    name = route.strategy.choose(features, replicas)
-                    decision.set_attribute("turnout.backend", name)
-            else:
+            with _span(tracing, "turnout.route", span, **{"turnout.strategy": route.config.strategy}) as decision:
                 name = route.strategy.choose(features, replicas)
-            now = self.clock()
+                if decision is not None:
+                    decision.set_attribute("turnout.backend", name)
             breaker = self.board.breaker(name)
-            breaker.begin(now)
-            lease = Lease(name, self.backends[name], self.in_flight)
+            breaker.begin(self.clock())
+            lease = Lease(name, self.backends[name], self.tracker, features)
             attempts += 1
             try:
                 result = await attempt(lease.backend, route)
@@ -185,6 +253,12 @@ class Dispatcher:
     def healthy(self) -> bool:
         """Ready when every alias has at least one backend that is up."""
         return all(any(r.eligible() for r in self.replicas(route.config.backends)) for route in self.routes.values())
+
+
+def _span(tracing: Tracing | None, name: str, parent: Any, **attributes: Any) -> Any:
+    if tracing is None or parent is None:
+        return nullcontext(None)
+    return tracing.span(name, parent, **attributes)
 
 
 # -- deadlines -----------------------------------------------------------------------------------

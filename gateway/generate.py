@@ -24,7 +24,7 @@ from gateway.runtime import GatewayRuntime
 from gateway.sse import stream_response
 from gateway.tracing import Tracing, trace_id_of
 from policies.experiments import Experiment, Variant, unit_hash
-from policies.routing import RequestFeatures
+from policies.routing import RequestFeatures, chat_prefix_text, prefix_block_hashes
 
 T = TypeVar("T")
 
@@ -62,13 +62,7 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
             ticket = await admit(request, body)
         body._raw_body = await request.body()  # remote backends forward it as it came
         pool, headers = _assign_variant(runtime, dispatcher, body, request, outcome, principal)
-        features = RequestFeatures(
-            model=body.model,
-            prompt_tokens=len(body._raw_body) // 4,
-            max_tokens=body.output_limit(),
-            priority=0 if principal is None or principal.priority == "interactive" else 1,
-            sticky_key=body.user or (principal.key_id if principal else None),
-        )
+        features = _features(dispatcher, body, principal)
         if body.stream:
             strip_usage = not body.wants_usage_chunk()
             body.stream_options = StreamOptions(include_usage=True)  # usage for limits and metrics
@@ -130,6 +124,28 @@ def _request_span(tracing: Tracing, kind: Kind, body: Body, request: Request) ->
     if auth is not None and span is not None:
         tracing.record_span("turnout.auth", span, *auth)
     return span
+
+
+def _features(dispatcher: Dispatcher, body: Body, principal: Any) -> RequestFeatures:
+    """What the routing strategy may know of the request. Prefix hashes are computed only
+    for strategies that use them (the gateway does not tokenize: it hashes text chunks)."""
+    route = dispatcher.route(body.model)
+    prefix: tuple[int, ...] = ()
+    if route.uses_prefixes:
+        if isinstance(body, ChatCompletionRequest):
+            text: str | list[int] = chat_prefix_text((m.role, m.text()) for m in body.messages)
+        else:
+            text = body.single_prompt()
+        hashing = route.config.prefix_hashing
+        prefix = prefix_block_hashes(text, hashing.block_size, hashing.max_blocks)
+    return RequestFeatures(
+        model=body.model,
+        prompt_tokens=len(body._raw_body or b"") // 4,  # an estimate: the gateway does not tokenize
+        max_tokens=body.output_limit(),
+        priority=0 if principal is None or principal.priority == "interactive" else 1,
+        sticky_key=body.user or (principal.key_id if principal else None),
+        prefix_hashes=prefix,
+    )
 
 
 def _assign_variant(

@@ -225,6 +225,16 @@ class LoadTracker:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(interval_s * 2, connect=interval_s))
         self._tasks[backend] = asyncio.create_task(self._scrape_loop(backend, metrics_url, interval_s, labels), name=f"scrape:{backend}")
 
+    def stop_scraping(self, backend: str) -> None:
+        """Stop scraping a backend (a reload removed it)."""
+        task = self._tasks.pop(backend, None)
+        if task is not None:
+            task.cancel()
+
+    def scraped(self) -> set[str]:
+        """The backends being scraped."""
+        return set(self._tasks)
+
     async def scrape_once(self, backend: str, metrics_url: str, labels: Mapping[str, str] | None = None) -> LoadReport | None:
         """One scrape (errors are counted and logged, never raised: routing must go on)."""
         client = self._client or httpx.AsyncClient(timeout=2.0)

@@ -65,13 +65,31 @@ class BackendLoadCollector(Collector):
             healthy.add_metric(values, 1.0 if report.healthy else 0.0)
             if dispatcher is not None:
                 circuit.add_metric(values, 1.0 if dispatcher.board.available(name, now) else 0.0)
-                in_flight.add_metric(values, dispatcher.in_flight.get(name, 0))
+                in_flight.add_metric(values, dispatcher.in_flight(name))
             stats = getattr(backend, "stats", None)  # engines with their own counters (paged)
             engine_stats = stats() if callable(stats) else {}
             for counter_name, family in counters.items():
                 if counter_name in engine_stats:
                     family.add_metric(values, engine_stats[counter_name])
         yield from (kv, running, waiting, free, block, cap, healthy, circuit, in_flight, *counters.values())
+        if dispatcher is not None:
+            yield from _admission_families(dispatcher)
+
+
+def _admission_families(dispatcher: Dispatcher) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Each admission queue's depth by priority, slots in use, and requests shed by reason."""
+    depth = GaugeMetricFamily("turnout:admission_queue_depth", "Requests waiting for a slot.", labels=["model", "priority"])
+    in_use = GaugeMetricFamily("turnout:admission_in_use", "Slots held by requests.", labels=["model"])
+    shed = CounterMetricFamily("turnout:admission_shed", "Requests shed by admission, by reason.", labels=["model", "reason"])
+    for alias, route in dispatcher.routes.items():
+        if route.admission is None:
+            continue
+        for priority, n in route.admission.depth_by_priority().items():
+            depth.add_metric([alias, priority], n)
+        in_use.add_metric([alias], route.admission.in_use)
+        for reason, n in route.admission.shed.items():
+            shed.add_metric([alias, getattr(reason, "value", str(reason))], n)
+    yield from (depth, in_use, shed)
 
 
 def build_metrics_registry(
@@ -138,6 +156,13 @@ class GatewayMetrics:
         self.reloads = Counter(
             "turnout_policy_reloads", "Policy reloads by result.", ["result"], registry=registry
         )  # fmt: skip
+        self.admission_wait = Histogram(
+            "turnout_admission_wait_seconds", "Time admitted requests waited for a slot.",
+            ["model"], buckets=TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def observe_admission_wait(self, model: str, seconds: float) -> None:
+        self.admission_wait.labels(model).observe(seconds)
 
     def observe(self, outcome: RequestOutcome) -> None:
         """Count a finished request (latencies only for requests that produced tokens)."""

@@ -42,7 +42,7 @@ class GatewayRuntime:
         self.metrics = metrics
         self.tracing = tracing
         self.config_path = config_path
-        self.dispatcher = Dispatcher(config, registry.backends)
+        self.dispatcher = Dispatcher(config, registry.backends, on_admission_wait=metrics.observe_admission_wait)
         self.sample_log = Path(config.server.sample_log) if config.server.sample_log else default_log_path()
         self._config_mtime = config_path.stat().st_mtime if config_path else 0.0
         self._reload_lock = asyncio.Lock()
@@ -96,7 +96,10 @@ class GatewayRuntime:
                     log.warning("policy reload: changes to `server` and `auth` apply at the next restart")
                 retired = await self.registry.update(config)
                 dispatcher = Dispatcher(
-                    config, self.registry.backends, in_flight=self.dispatcher.in_flight, board=self.dispatcher.board
+                    config,
+                    self.registry.backends,
+                    previous=self.dispatcher,
+                    on_admission_wait=self.metrics.observe_admission_wait,
                 )
             except (ConfigError, OSError, ValueError) as exc:
                 self.metrics.reloads.labels("failure").inc()
@@ -106,6 +109,7 @@ class GatewayRuntime:
             self.dispatcher = dispatcher  # requests in flight keep the dispatcher they started with
             for backend in retired:
                 self.spawn(self._retire(backend))
+            self._scrape_remote_backends()
             self.metrics.reloads.labels("success").inc()
             log.info("policy reloaded (%s): %d backends, %d models", reason, len(config.backends), len(dispatcher.routes))
             return True, "reloaded"
@@ -113,7 +117,7 @@ class GatewayRuntime:
     async def _retire(self, backend: Backend) -> None:
         """Close a backend the new policy dropped, once its requests are done."""
         deadline = time.monotonic() + RETIRE_GRACE_S
-        while self.dispatcher.in_flight.get(backend.name, 0) > 0 and time.monotonic() < deadline:
+        while self.dispatcher.in_flight(backend.name) > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         await backend.close()
 
@@ -130,8 +134,21 @@ class GatewayRuntime:
             if mtime != self._config_mtime:
                 await self.reload("file changed")
 
+    def _scrape_remote_backends(self) -> None:
+        """Scrape each remote backend's /metrics every 500 ms (start new ones, stop removed)."""
+        tracker = self.dispatcher.tracker
+        wanted = {b.name: b.scrape_url() for b in self.config.backends if b.scrape_url()}
+        scraped = tracker.scraped()
+        for name in scraped - set(wanted):
+            tracker.stop_scraping(name)
+        for name, url in wanted.items():
+            if name not in scraped:
+                tracker.start_scraping(name, url)  # type: ignore[arg-type]
+
     def start_background(self) -> None:
-        """The file watcher and the SIGHUP handler (where there is a config file to reload)."""
+        """Load scrapes of remote backends; the file watcher and the SIGHUP handler (where
+        there is a config file to reload)."""
+        self._scrape_remote_backends()
         if self.config_path is None:
             return
         if self.config.server.watch_config:
@@ -145,6 +162,7 @@ class GatewayRuntime:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dispatcher.tracker.aclose()
 
     def admin_key(self) -> str | None:
         name = self.config.server.admin_key_env

@@ -117,7 +117,7 @@ def make_strategy(name: str, **params: Any) -> Strategy:
         raise ValueError(f"unknown routing strategy {name!r}; known: {', '.join(strategy_names())}") from None
     try:
         return factory(**params)
-    except TypeError as exc:  # an option the strategy does not take: say which strategy
+    except (TypeError, ValueError) as exc:  # an option it does not take, or a bad value: say which strategy
         raise ValueError(f"strategy {name!r}: {exc}") from exc
 
 

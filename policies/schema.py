@@ -40,6 +40,9 @@ class BackendConfig(_Section):
     url: str | None = None  # remote: the upstream's base URL (…/v1); litellm: optional api_base
     api_key_env: str | None = None  # remote/litellm: env var holding the upstream's API key
     weight: float = Field(default=1.0, ge=0)  # share under `weighted`; 0 drains the backend
+    # remote: its Prometheus page, scraped every 500 ms for load (default: beside `url`;
+    # "none" to turn scraping off)
+    metrics_url: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -47,6 +50,15 @@ class BackendConfig(_Section):
         if self.kind == "remote" and not self.url:
             raise ValueError("a remote backend needs `url` (the upstream's OpenAI base URL)")
         return self
+
+    def scrape_url(self) -> str | None:
+        """Where a remote backend's load metrics are, or None (not scraped)."""
+        if self.kind != "remote" or self.metrics_url == "none":
+            return None
+        if self.metrics_url:
+            return self.metrics_url
+        assert self.url is not None
+        return self.url.rstrip("/").removesuffix("/v1") + "/metrics"
 
     def model_id(self) -> str:
         """The id clients ask for: served_name, else the model name (a file path's stem)."""
@@ -117,6 +129,23 @@ class CircuitSection(_Section):
     cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class PrefixHashingConfig(_Section):
+    """How prefix-aware strategies hash a prompt's leading blocks."""
+
+    block_size: int = Field(default=16, ge=1)  # tokens per block: the engines' KV block size
+    max_blocks: int = Field(default=64, ge=1)  # hash at most this many leading blocks
+
+
+class AdmissionSection(_Section):
+    """Per-pool admission: a concurrency limit, a priority queue (interactive before batch),
+    deadlines; requests that would miss theirs are shed at once with 503 + Retry-After."""
+
+    limit: int | None = Field(default=None, ge=1)  # None: the replicas' reported capacity
+    max_queue: int = Field(default=1024, ge=0)
+    default_deadline_s: float = Field(default=30.0, gt=0)  # interactive keys' wait budget
+    batch_deadline_s: float = Field(default=120.0, gt=0)
+
+
 class RouteConfig(_Section):
     """A model alias clients ask for, served by a pool of backends."""
 
@@ -127,6 +156,8 @@ class RouteConfig(_Section):
     fallbacks: list[str] = Field(default_factory=list)  # other aliases, tried in order
     retries: RetryConfig = Field(default_factory=RetryConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    prefix_hashing: PrefixHashingConfig = Field(default_factory=PrefixHashingConfig)
+    admission: AdmissionSection | None = None  # None: no queue in the gateway
 
     @model_validator(mode="after")
     def _known_strategy(self) -> RouteConfig:

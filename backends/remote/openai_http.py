@@ -131,6 +131,9 @@ class RemoteBackend:
         self._http: httpx.AsyncClient | None = None
         self._in_flight = 0
         self._last_load: LoadReport | None = None
+        # Called with each load report an upstream piggybacks on a response (the gateway's
+        # load tracker subscribes here).
+        self.on_load_report: Callable[[LoadReport], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -251,6 +254,8 @@ class RemoteBackend:
         if header:
             try:
                 self._last_load = LoadReport.from_header(header)
+                if self.on_load_report is not None:
+                    self.on_load_report(self._last_load)
             except (ValueError, TypeError):
                 log.warning("backend %s: unparsable %s header %r", self.name, LOAD_HEADER, header)
 

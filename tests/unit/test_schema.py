@@ -58,3 +58,27 @@ def test_routes_and_served_names() -> None:
         "routes:\n  - {model: chat, backends: [a, b]}\n"
     )
     assert config.aliases() == {"Foo-Q4": ["a"], "small": ["b"], "chat": ["a", "b"]}
+
+
+@pytest.mark.parametrize("path", sorted((DEFAULT_CONFIG.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_worked_examples_validate(path) -> None:  # type: ignore[no-untyped-def]
+    config = load_config(path)
+    assert config.backends
+
+
+def test_check_command_exit_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gateway.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends:\n  - {name: a, kind: remote, model: m}\n")
+    assert main(["check", str(DEFAULT_CONFIG)]) == 0
+    assert main(["check", str(DEFAULT_CONFIG), str(bad)]) == 1
+
+
+def test_fallback_cycles_and_unknown_strategies_are_rejected() -> None:
+    base = "backends:\n  - {name: a, kind: llamacpp, model: m}\n"
+    cycle = base + "routes:\n  - {model: x, backends: [a], fallbacks: [y]}\n  - {model: y, backends: [a], fallbacks: [x]}\n"
+    with pytest.raises(ConfigError, match="lead back"):
+        parse_config(cycle)
+    with pytest.raises(ConfigError, match="unknown routing strategy 'fastest'"):
+        parse_config(base + "routes:\n  - {model: x, backends: [a], strategy: fastest}\n")
