@@ -333,13 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     engine = bench_sub.add_parser("engine", help="paged engine throughput on GPU vs transformers and the roofline")
     bench_engine.build_parser(engine).set_defaults(func=bench_engine.run)
+
+    sim = sub.add_parser("sim", help="simulate routing strategies over N replicas (turnout sim --help)", add_help=False)
+    sim.add_argument("args", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=cmd_sim)
     return parser
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from gateway import simulator
+
+    return simulator.main(args.args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `turnout` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "sim":
+        args.args = unknown + args.args  # everything after `sim` is the simulator's own
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.func(args)
 
 
