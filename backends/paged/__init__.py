@@ -8,8 +8,14 @@ Modules, one job each:
   kv_cache      the per-layer block pool, sized from a memory budget
   block_manager allocation, ref-counts, hash-chained prefix caching, LRU eviction
   scheduler     continuous batching with a token budget, chunked prefill, preemption by recompute
-  attention     paged attention over the block pool (plain torch; a Triton kernel can replace it)
-  sampler       OpenAI sampling parameters, per-request seeded generators, logprobs
+  attention     paged attention over the block pool: plain torch (CPU) or the Triton kernels (CUDA)
+  triton_kernels  Triton paged attention: GQA split-K decode, varlen prefill over cached prefixes
+  triton_ops    fused Triton kernels: (residual add +) RMSNorm, SiLU-and-mul, RoPE, K/V write
+  step_inputs   one step's model inputs built with numpy, moved to the device in a few copies
+  cuda_graphs   decode steps captured as CUDA graphs at bucketed batch sizes
+  memory_profile  the GPU KV pool sized from a profiling pass (gpu_memory_utilization)
+  hf_compat     the same weights in a transformers model (GPU checks, the benchmark's peer)
+  sampler       OpenAI sampling parameters, per-request seeded generators, logprobs; batched GPU fast path
   engine        the synchronous core: add_request / step / abort
   async_engine  one engine thread, per-request async streams
   backend       PagedBackend: the gateway's Backend protocol over all of the above

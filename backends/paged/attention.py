@@ -1,15 +1,20 @@
 """Paged attention over the block pool.
 
-`AttentionMetadata` describes one engine step's batch: where each new token's K/V goes
-(slot_mapping) and, per sequence, which cache slots make up its context. `TorchPagedAttention`
-is the plain-torch implementation CI runs: it gathers each sequence's K/V by block table and
-calls scaled_dot_product_attention. A Triton kernel can implement the same `PagedAttention`
-interface later, taking the same metadata.
+`AttentionMetadata` describes one engine step's batch, prefills first, then decodes: where each
+new token's K/V goes (slot_mapping), each sequence's block table and context length, and where
+each prefill's query rows start. The tensors live on the model's device; the few numbers the
+torch path loops over are also kept as host lists, so nothing here reads back from the GPU.
+
+Two implementations of the `PagedAttention` call:
+- `TorchPagedAttention`: plain torch (CPU, what CI runs): gathers each sequence's K/V by block
+  table and calls scaled_dot_product_attention.
+- `TritonPagedAttention` (CUDA): one Triton launch writes K/V, then the varlen prefill kernel
+  and the GQA split-K decode kernel of `triton_kernels` read the pool in place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -20,15 +25,19 @@ import torch.nn.functional as F
 class AttentionMetadata:
     """One step's batch layout. Sequences are laid out prefills first, then decodes."""
 
-    slot_mapping: torch.Tensor  # [T] long: cache slot (block * block_size + offset) of each new token
-    # Prefill (or chunked-prefill) sequences, each with >1 new token or with a longer context.
-    prefill_query_starts: list[int]  # row offset of each prefill sequence's first new token
-    prefill_query_lens: list[int]
-    prefill_context_slots: list[torch.Tensor]  # [ctx] long each: slots of the whole context, new tokens included
-    # Decodes: one new token each, batched with padding.
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token; -1 = none
+    block_tables: torch.Tensor  # [S, W] int32: each sequence's blocks (prefills, then decodes), zero-padded
+    context_lens: torch.Tensor  # [S] int32: cached tokens after this step, the new ones included
+    query_starts: torch.Tensor  # [P + 1] int32: row of each prefill's first new token (and the end)
+    num_prefills: int  # P: sequences with more than one new token (prompts or chunks of them)
     num_prefill_tokens: int  # decode rows start here
-    decode_slots: torch.Tensor | None  # [B, max_ctx] long, padded with slot 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_ctx] bool: True where a real context token is
+    num_decodes: int  # D: sequences with one new token
+    max_query_len: int = 1  # over the prefills
+    # Host copies for the torch path (no device -> host reads there).
+    prefill_query_lens: list[int] = field(default_factory=list)
+    prefill_context_lens: list[int] = field(default_factory=list)
+    decode_context_lens: list[int] = field(default_factory=list)
+    decode_splits: int = 1  # split-K factor of the Triton decode kernel (fixed per CUDA graph)
 
 
 class PagedAttention(Protocol):
@@ -43,6 +52,13 @@ class PagedAttention(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor: ...  # [T, num_heads, head_dim]
+
+
+def _context_slots(block_row: torch.Tensor, ctx: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of the first ctx tokens of a sequence with block table row block_row."""
+    nb = -(-ctx // block_size)
+    bt = block_row[:nb].long()
+    return (bt[:, None] * block_size + torch.arange(block_size, device=bt.device)[None, :]).reshape(-1)[:ctx]
 
 
 class TorchPagedAttention:
@@ -65,33 +81,100 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         T, _, hd = q.shape
         nkv, g = self.num_kv_heads, self.group
+        bs = k_cache.shape[1]
         k_flat = k_cache.view(-1, nkv, hd)
         v_flat = v_cache.view(-1, nkv, hd)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        slots = meta.slot_mapping
+        if bool((slots < 0).any()):  # padding rows own no slot
+            keep = slots >= 0
+            slots, k, v = slots[keep], k[keep], v[keep]
+        k_flat.index_copy_(0, slots, k)
+        v_flat.index_copy_(0, slots, v)
         out = torch.empty_like(q)
 
-        for start, qlen, slots in zip(meta.prefill_query_starts, meta.prefill_query_lens, meta.prefill_context_slots):
-            ctx = slots.numel()
+        start = 0
+        for i, (qlen, ctx) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens)):
+            ctx_slots = _context_slots(meta.block_tables[i], ctx, bs)
             # GQA without copying K/V per query head: fold the heads that share a KV head into the
             # query-length dimension, [nkv, g * qlen, hd].
             qs = q[start : start + qlen].view(qlen, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * qlen, hd)
-            ks = k_flat.index_select(0, slots).transpose(0, 1)  # [nkv, ctx, hd]
-            vs = v_flat.index_select(0, slots).transpose(0, 1)
+            ks = k_flat.index_select(0, ctx_slots).transpose(0, 1)  # [nkv, ctx, hd]
+            vs = v_flat.index_select(0, ctx_slots).transpose(0, 1)
             # Query j sits at position ctx - qlen + j and sees keys up to it.
             qpos = torch.arange(ctx - qlen, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # [qlen, ctx]
             mask = mask.repeat(g, 1)  # rows ordered (group, qlen) like qs
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale)
             out[start : start + qlen] = o.view(nkv, g, qlen, hd).permute(2, 0, 1, 3).reshape(qlen, nkv * g, hd)
+            start += qlen
 
-        if meta.decode_slots is not None:
-            B, S = meta.decode_slots.shape
+        if meta.num_decodes:
+            B = meta.num_decodes
+            P = meta.num_prefills
             d0 = meta.num_prefill_tokens
+            # Without host lengths (a graph-captured step) read the whole table; the mask
+            # built from the device lengths keeps it exact.
+            width = max(meta.decode_context_lens) if meta.decode_context_lens else meta.block_tables.shape[1] * bs
+            nb = -(-width // bs)
+            bt = meta.block_tables[P : P + B, :nb].long()
+            slots = (bt[:, :, None] * bs + torch.arange(bs, device=bt.device)).reshape(B, -1)[:, :width]
+            ctx = meta.context_lens[P : P + B].to(torch.long)
+            mask = (torch.arange(width, device=q.device)[None, :] < ctx[:, None])[:, None, None, :]
             qd = q[d0 : d0 + B].view(B, nkv, g, hd)  # the g heads of a KV head act as g queries
-            flat = meta.decode_slots.reshape(-1)
-            ks = k_flat.index_select(0, flat).view(B, S, nkv, hd).transpose(1, 2)  # [B, nkv, S, hd]
-            vs = v_flat.index_select(0, flat).view(B, S, nkv, hd).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=meta.decode_mask, scale=self.scale)
+            flat = slots.reshape(-1)
+            ks = k_flat.index_select(0, flat).view(B, width, nkv, hd).transpose(1, 2)  # [B, nkv, S, hd]
+            vs = v_flat.index_select(0, flat).view(B, width, nkv, hd).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask, scale=self.scale)
             out[d0 : d0 + B] = o.reshape(B, nkv * g, hd)
         return out
+
+
+class TritonPagedAttention:
+    """Paged attention with the Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1).
+
+    Reads only device tensors from the metadata and Python ints, so a decode step can be
+    captured in a CUDA graph."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        from backends.paged import triton_kernels, triton_ops  # triton is imported only here
+
+        self._kernels = triton_kernels
+        self._write_kv = triton_ops.write_kv_cache
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.scale = head_dim**-0.5
+        self._sms: int | None = None
+
+    def decode_splits(self, batch: int, max_context: int, device: torch.device) -> int:
+        """Split-K factor for a decode batch (enough programs to fill the GPU), rounded up to a
+        power of two: it is a compile-time constant of the kernel, so few values mean few
+        compilations (and CUDA graphs of neighbouring sizes share them)."""
+        if self._sms is None:
+            self._sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        splits = self._kernels.decode_splits(batch, self.num_kv_heads, max_context, self._sms)
+        return min(32, 1 << (splits - 1).bit_length())
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        self._write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        P, D, d0 = meta.num_prefills, meta.num_decodes, meta.num_prefill_tokens
+        if P:
+            self._kernels.paged_prefill_attention(
+                q[:d0], k_cache, v_cache, meta.query_starts, meta.context_lens[:P], meta.block_tables[:P],
+                meta.max_query_len, self.scale, out=out[:d0],
+            )  # fmt: skip
+        if D:
+            self._kernels.paged_decode_attention(
+                q[d0 : d0 + D], k_cache, v_cache, meta.block_tables[P : P + D], meta.context_lens[P : P + D],
+                self.scale, num_splits=meta.decode_splits, out=out[d0 : d0 + D],
+            )  # fmt: skip
+        return out
+

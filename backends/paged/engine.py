@@ -13,15 +13,17 @@ from typing import Any
 import torch
 
 from backends.generation import GenerationDelta, GenerationRequest, TokenLogprob
-from backends.paged.attention import AttentionMetadata
+from backends.paged.attention import TorchPagedAttention
 from backends.paged.block_manager import BlockManager
 from backends.paged.config import ModelConfig
-from backends.paged.kv_cache import KVCache, gpu_budget_bytes, num_blocks_for_budget
+from backends.paged.kv_cache import KVCache, num_blocks_for_budget
 from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
-from backends.paged.model import LlamaModel
-from backends.paged.sampler import SamplerState, sample
-from backends.paged.scheduler import ScheduledSeq, Scheduler
+from backends.paged.memory_profile import profile_num_blocks
+from backends.paged.model import LlamaModel, TorchOps
+from backends.paged.sampler import SamplerState, sample_batch
+from backends.paged.scheduler import Scheduler
 from backends.paged.sequence import Sequence
+from backends.paged.step_inputs import StepInputs, build_step_inputs, to_device
 from backends.paged.tokenizer import IncrementalDetokenizer, Tokenizer
 from backends.paged.weights import ModelWeights
 from backends.protocol import ContextLengthExceeded, InvalidRequest
@@ -49,6 +51,9 @@ class EngineOptions:
     watermark: float = 0.01  # fraction of blocks kept free when admitting new sequences
     seed: int = 0  # dummy weights' seed
     num_threads: int | None = None  # torch intra-op threads on CPU
+    kernels: str = "auto"  # auto: triton on CUDA, torch on CPU; or "torch" / "triton"
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    cuda_graph_max_batch: int | None = None  # largest captured decode batch (default max_num_seqs)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> EngineOptions:
@@ -59,7 +64,15 @@ class EngineOptions:
         opts = cls(**options)
         if opts.block_size <= 0 or opts.max_num_seqs <= 0 or opts.max_num_batched_tokens <= 0:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if opts.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be auto, torch or triton, not {opts.kernels!r}")
         return opts
+
+    def kernel_kind(self, device: torch.device) -> str:
+        """The kernels to use on this device: "triton" or "torch"."""
+        if self.kernels == "auto":
+            return "triton" if device.type == "cuda" else "torch"
+        return self.kernels
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -99,7 +112,18 @@ class EngineCounters:
     requests_finished: int = 0
     requests_aborted: int = 0
     step_time_s: float = 0.0
+    graph_steps: int = 0  # decode steps replayed from a CUDA graph
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepInfo:
+    """What the last step ran (benchmarks read it to split prefill from decode time)."""
+
+    num_prefill_tokens: int
+    num_decodes: int
+    context_tokens: int  # tokens of KV the step's attention read, summed over sequences
+    graph: bool
 
 
 class LLMEngine:
@@ -112,14 +136,27 @@ class LLMEngine:
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         bs = options.block_size
+        kind = options.kernel_kind(self.device)
+        if kind == "triton":
+            from backends.paged.attention import TritonPagedAttention
+            from backends.paged.triton_ops import TritonOps
+
+            attention: object = TritonPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
+            ops: object = TritonOps()
+        else:
+            attention, ops = TorchPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim), TorchOps()
+        self.kernels = kind
+        max_positions = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.model = LlamaModel(config, weights, max_positions, attention=attention, ops=ops)
         if options.num_blocks is not None:
             num_blocks = options.num_blocks
         elif self.device.type == "cuda":
-            budget = gpu_budget_bytes(self.device, options.gpu_memory_utilization, weights.nbytes())
-            num_blocks = num_blocks_for_budget(config, bs, self.dtype, budget)
+            # vLLM's recipe: run the largest step once, then give the KV pool what is left of
+            # gpu_memory_utilization after weights, that step's activations and the graphs.
+            num_blocks = profile_num_blocks(self.model, config, options, self.dtype)
         else:
             num_blocks = num_blocks_for_budget(config, bs, self.dtype, int(options.kv_cache_gib * (1 << 30)))
-        self.max_model_len = min(options.max_model_len or config.max_position_embeddings, num_blocks * bs)
+        self.max_model_len = min(max_positions, num_blocks * bs)
         self.cache = KVCache(config, num_blocks, bs, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=options.enable_prefix_caching, watermark=options.watermark)
         self.scheduler = Scheduler(
@@ -128,7 +165,20 @@ class LLMEngine:
             max_num_batched_tokens=options.max_num_batched_tokens,
             enable_chunked_prefill=options.enable_chunked_prefill,
         )
-        self.model = LlamaModel(config, weights, self.max_model_len)
+        self.graphs = None
+        if self.device.type == "cuda" and kind == "triton" and not options.enforce_eager:
+            from backends.paged.cuda_graphs import DecodeGraphRunner
+
+            self.graphs = DecodeGraphRunner(
+                self.model,
+                self.cache,
+                max_batch=min(options.cuda_graph_max_batch or options.max_num_seqs, options.max_num_seqs),
+                max_blocks_per_seq=-(-self.max_model_len // bs),
+                max_context=self.max_model_len,
+                splits_for=lambda b, ctx: attention.decode_splits(b, ctx, self.device),
+            )
+            self.graphs.capture()
+        self.last_step: StepInfo | None = None
         self.seqs: dict[str, Sequence] = {}
         self.counters = EngineCounters()
 
@@ -209,76 +259,40 @@ class LLMEngine:
         prefills = [s for s in plan.scheduled if s.num_tokens > 1]
         decodes = [s for s in plan.scheduled if s.num_tokens == 1]
         ordered = prefills + decodes
-        input_ids, positions, meta, sample_rows = self._prepare(prefills, decodes)
-        hidden = self.model.forward(input_ids, positions, meta, self.cache)
-        samplers = [s for s in ordered if s.samples]
+        samplers = [s for s in ordered if s.samples]  # before num_computed moves
+        inp = build_step_inputs(prefills, decodes, self.options.block_size)
+        logits = self._run_model(inp)
         for s in ordered:
             s.seq.num_computed += s.num_tokens
             self.block_manager.commit_full_blocks(s.seq)
         outputs: list[StepOutput] = []
         if samplers:
-            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
-            if logits.device.type != "cpu":
-                logits = logits.cpu()  # the per-request generators live on the CPU
-            results = sample(logits, [s.seq.state.sampler for s in samplers])
+            # The step's one device -> host sync happens here.
+            results = sample_batch(logits, [s.seq.state.sampler for s in samplers])
             for s, r in zip(samplers, results):
                 outputs.append(self._append_token(s.seq, r))
         self.counters.steps += 1
         self.counters.step_time_s += time.perf_counter() - t0
         return outputs
 
-    def _prepare(
-        self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        bs = self.options.block_size
-        dev = self.device
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        starts, qlens, ctx_slots = [], [], []
-        for s in prefills + decodes:
-            seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
-            row0 = len(ids)
-            ids += seq.token_slice(start, start + n)
-            pos += range(start, start + n)
-            bt = seq.block_table
-            slots += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
-            if s.samples:
-                sample_rows.append(row0 + n - 1)
-            if n > 1:
-                starts.append(row0)
-                qlens.append(n)
-                ctx_slots.append(self._context_slots(bt, start + n))
-        decode_slots = decode_mask = None
-        if decodes:
-            ctx = [d.seq.num_computed + 1 for d in decodes]
-            width = max(ctx)
-            decode_slots = torch.zeros(len(decodes), width, dtype=torch.long, device=dev)
-            for r, d in enumerate(decodes):
-                decode_slots[r, : ctx[r]] = self._context_slots(d.seq.block_table, ctx[r])
-            decode_mask = (torch.arange(width, device=dev)[None, :] < torch.tensor(ctx, device=dev)[:, None])[:, None, None, :]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            prefill_query_starts=starts,
-            prefill_query_lens=qlens,
-            prefill_context_slots=ctx_slots,
-            num_prefill_tokens=sum(qlens),
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
-        )
-        return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            meta,
-            sample_rows,
-        )
-
-    def _context_slots(self, block_table: list[int], ctx: int) -> torch.Tensor:
-        bs = self.options.block_size
-        nb = -(-ctx // bs)
-        bt = torch.tensor(block_table[:nb], dtype=torch.long, device=self.device)
-        return (bt[:, None] * bs + torch.arange(bs, device=self.device)[None, :]).reshape(-1)[:ctx]
+    def _run_model(self, inp: StepInputs) -> torch.Tensor:
+        """Forward the step; return float32 logits of its sample rows, in row order."""
+        graph = self.graphs is not None and self.graphs.can_run(inp)
+        self.last_step = StepInfo(inp.num_prefill_tokens, inp.num_decodes, int(inp.context_lens.sum()), graph)
+        if graph:
+            self.counters.graph_steps += 1
+            return self.graphs.run(inp)
+        splits = 1
+        if inp.num_decodes and hasattr(self.model.attn, "decode_splits"):
+            splits = self.model.attn.decode_splits(inp.num_decodes, max(inp.decode_context_lens), self.device)
+        input_ids, positions, meta = to_device(inp, self.device, splits)
+        hidden = self.model.forward(input_ids, positions, meta, self.cache)
+        if not inp.sample_rows:
+            return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
+        if len(inp.sample_rows) != hidden.shape[0]:
+            rows = torch.tensor(inp.sample_rows, dtype=torch.long)
+            hidden = hidden.index_select(0, rows.to(self.device, non_blocking=True))
+        return self.model.logits(hidden)
 
     def _append_token(self, seq: Sequence, r: Any) -> StepOutput:
         rt: _SeqRuntime = seq.state

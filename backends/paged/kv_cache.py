@@ -18,13 +18,6 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dty
     return max(1, budget_bytes // bytes_per_block(config, block_size, dtype))
 
 
-def gpu_budget_bytes(device: torch.device, gpu_memory_utilization: float, weights_bytes: int) -> int:
-    """GPU: a fraction of total memory minus what is already in use (weights included)."""
-    free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    return max(0, int(total * gpu_memory_utilization) - used)
-
-
 class KVCache:
     """K and V block pools, per layer: [num_blocks, block_size, num_kv_heads, head_dim]."""
 

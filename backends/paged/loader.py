@@ -60,7 +60,8 @@ def load_config_and_tokenizer(source: ModelSource) -> tuple[ModelConfig, Tokeniz
 def load_weights(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> ModelWeights:
     """The expensive part: all tensors, dequantized / converted to dtype on device."""
     if source.kind == "dummy":
-        tensors = random_tensors(config, seed=seed)
+        on_gpu = torch.device(device).type == "cuda"
+        tensors = random_tensors(config, seed=seed, device=device if on_gpu else "cpu", dtype=dtype if on_gpu else torch.float32)
     elif source.kind == "hf":
         tensors = load_safetensors(Path(source.location))
     else:

@@ -5,6 +5,7 @@ sequences at once; attention reads and writes the paged KV cache."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class TorchOps:
+    """The decoder's elementwise ops in plain torch (CPU, and the reference for TritonOps)."""
+
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + x), residual + x)."""
+        residual = residual + x
+        return rms_norm(residual, weight, eps), residual
+
+    @staticmethod
+    def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = cos.index_select(0, positions)[:, None, :]
+        s = sin.index_select(0, positions)[:, None, :]
+        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
 class LlamaModel:
-    """Forward pass over the paged cache. Holds no per-request state."""
+    """Forward pass over the paged cache. Holds no per-request state.
+
+    `attention` and `ops` pick the implementation: plain torch by default (CPU), the Triton
+    paged attention and fused kernels on CUDA (the engine chooses)."""
 
     def __init__(
         self,
@@ -62,12 +93,14 @@ class LlamaModel:
         weights: ModelWeights,
         max_positions: int,
         attention: PagedAttention | None = None,
+        ops: Any = None,
     ) -> None:
         self.config = config
         self.w = weights
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.attn = attention or TorchPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
+        self.ops = ops or TorchOps()
         inv = rope_inv_freq(config, weights.rope_freq_factors).to(self.device)
         freqs = torch.outer(torch.arange(max_positions, device=self.device, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -76,29 +109,34 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        """Hidden states after the final norm for every new token: [T, hidden]."""
+        """Hidden states after the final norm for every new token: [T, hidden].
+
+        The residual stream is carried separately so that each "add the block's output, then
+        normalise" is one fused op (in place on the residual with the Triton ops)."""
         c = self.config
+        ops = self.ops
         T = input_ids.shape[0]
         nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size = nh * hd, nkv * hd
-        cos = self._cos.index_select(0, positions)[:, None, :]
-        sin = self._sin.index_select(0, positions)[:, None, :]
+        eps = c.rms_norm_eps
         h = self.w.embed.index_select(0, input_ids)
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.w.layers):
-            x = rms_norm(h, layer.attn_norm, c.rms_norm_eps)
+            if residual is None:
+                residual = h
+                x = ops.rms_norm(h, layer.attn_norm, eps)
+            else:
+                x, residual = ops.add_rms_norm(h, residual, layer.attn_norm, eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.reshape(T, nh, hd)
-            k = k.reshape(T, nkv, hd)
-            v = v.reshape(T, nkv, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            o = self.attn(q, k, v, cache.k[i], cache.v[i], meta)
-            h = h + F.linear(o.reshape(T, q_size), layer.o)
-            x = rms_norm(h, layer.ffn_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
-        return rms_norm(h, self.w.final_norm, c.rms_norm_eps)
+            q, k = ops.rotary(q.view(T, nh, hd), k.view(T, nkv, hd), self._cos, self._sin, positions)
+            o = self.attn(q, k, v.view(T, nkv, hd), cache.k[i], cache.v[i], meta)
+            h = F.linear(o.reshape(T, q_size), layer.o)
+            x, residual = ops.add_rms_norm(h, residual, layer.ffn_norm, eps)
+            h = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+        if residual is None:  # a model with no layers
+            return ops.rms_norm(h, self.w.final_norm, eps)
+        return ops.add_rms_norm(h, residual, self.w.final_norm, eps)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

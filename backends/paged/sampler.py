@@ -101,3 +101,44 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample]:
                 s.top = [(int(i), float(v)) for i, v in zip(ids, vals)]
         out.append(s)
     return out
+
+
+def _is_plain(p: SamplingParams) -> bool:
+    """No per-token work beyond the distribution itself: no bias, penalties or logprobs."""
+    return (
+        not p.logit_bias
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and p.logprobs is None
+    )
+
+
+def _is_batchable_random(p: SamplingParams) -> bool:
+    """Unseeded temperature sampling with no truncation: one batched draw on the device."""
+    return p.seed is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
+
+
+def sample_batch(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample]:
+    """One token per row of logits [B, V] (float32, any device) for the matching states.
+
+    Greedy and unseeded plain-temperature rows are decided on the logits' device in one batch
+    with a single device -> host copy (the GPU step's only sync). Anything else (seeds, which
+    need each request's own generator, penalties, bias, truncation, logprobs) goes through
+    `sample` row by row on the CPU, so its results do not depend on the fast path."""
+    params = [s.params for s in states]
+    if all(_is_plain(p) and (p.greedy or _is_batchable_random(p)) for p in params):
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(-1)
+        else:
+            temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+            probs = (logits / temps[:, None]).softmax(-1)
+            # Gumbel-max in its exponential form: argmax(p / E), E ~ Exp(1), draws from p.
+            noise = torch.empty_like(probs).exponential_()
+            drawn = (probs / noise).argmax(-1)
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            tokens = torch.where(greedy, logits.argmax(-1), drawn)
+        return [Sample(int(t)) for t in tokens.tolist()]
+    if logits.device.type != "cpu":
+        logits = logits.cpu()  # the per-request generators live on the CPU
+    return sample(logits, states)

@@ -96,15 +96,16 @@ class Scheduler:
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.bm.blocks_needed(seq, seq.num_computed + n)
-            while not self.bm.can_allocate(need):
-                victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                break  # seq itself was the latest: everything after it is gone too
-            self.bm.allocate(seq, seq.num_computed + n)
+            if need:  # most decode steps fit in the last block: nothing to allocate
+                while not self.bm.can_allocate(need):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    break  # seq itself was the latest: everything after it is gone too
+                self.bm.allocate(seq, seq.num_computed + n)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1

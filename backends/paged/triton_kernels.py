@@ -56,6 +56,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,  # tokens per iteration, a multiple of BLOCK_SIZE
     NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 caches (exact fp32 runs), else "tf32" (unused)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -86,7 +87,7 @@ def _decode_kernel(
             mask=tmask[:, None],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, TILE], log2 domain
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE], log2 domain
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -97,7 +98,7 @@ def _decode_kernel(
             other=0.0,
         )
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -144,6 +145,11 @@ def _merge_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
+def _dot_precision(q: torch.Tensor) -> str:
+    """Float32 runs (correctness checks) keep full precision; Triton would use TF32."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Split-K factor: enough programs to fill the GPU, never tiles of under ~256 tokens."""
     programs = batch * num_kv_heads
@@ -185,7 +191,7 @@ def paged_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=BS,
-        TILE=tile, NUM_SPLITS=num_splits,
+        TILE=tile, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     _merge_kernel[(B, H)](
@@ -225,6 +231,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -259,7 +266,7 @@ def _prefill_kernel(
             mask=nmask[:, None],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = (tok[None, :] <= qpos[:, None]) & nmask[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -272,7 +279,7 @@ def _prefill_kernel(
             other=0.0,
         )
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -316,6 +323,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(q),
         num_warps=4 if D <= 64 else 8, num_stages=2,
     )  # fmt: skip
     return out

@@ -132,13 +132,16 @@ def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in HF naming, scaled so activations stay O(1) through the layers."""
-    g = torch.Generator().manual_seed(seed)
+def random_tensors(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights in HF naming, scaled so activations stay O(1) through the layers.
+
+    On CUDA they are drawn on the device in the compute dtype (an 8B model in a second instead
+    of minutes of CPU time); the values depend on the device, the seed fixes them per device."""
+    g = torch.Generator(device=device).manual_seed(seed)
     H, I, hd = config.hidden_size, config.intermediate_size, config.head_dim
 
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype).mul_(std)
 
     def norm() -> torch.Tensor:
         return 1.0 + rnd(H, std=0.1)

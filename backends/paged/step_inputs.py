@@ -1,0 +1,138 @@
+"""One step's model inputs, built on the host with numpy (no per-token Python loops, no
+per-sequence device tensors), then moved to the device in a handful of copies.
+
+Layout: prefill sequences (more than one new token) first, then decodes (one new token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backends.paged.attention import AttentionMetadata
+from backends.paged.scheduler import ScheduledSeq
+
+
+@dataclass
+class StepInputs:
+    """Host arrays for one step."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    block_tables: np.ndarray  # [S, W] int32
+    context_lens: np.ndarray  # [S] int32
+    query_starts: np.ndarray  # [P + 1] int32
+    sample_rows: list[int]  # rows whose hidden state yields the next token
+    num_prefills: int
+    num_prefill_tokens: int
+    num_decodes: int
+    max_query_len: int
+    prefill_query_lens: list[int]
+    prefill_context_lens: list[int]
+    decode_context_lens: list[int]
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.num_prefills == 0
+
+    @property
+    def max_context_len(self) -> int:
+        return int(self.context_lens.max()) if len(self.context_lens) else 0
+
+
+def _last_token(s: ScheduledSeq) -> int:
+    seq = s.seq
+    # A decode computes the token at position num_computed, which is the sequence's last.
+    return seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]
+
+
+def build_step_inputs(prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], block_size: int) -> StepInputs:
+    """Host arrays for a step that runs `prefills` (chunks) then `decodes` (one token each)."""
+    ordered = prefills + decodes
+    S, P, D = len(ordered), len(prefills), len(decodes)
+    # Padded to a multiple of 16: the width is the Triton kernels' block-table stride, and
+    # Triton compiles a separate variant for strides that are (not) multiples of 16; one width
+    # class means no compilation in the middle of serving.
+    width = -(-max(len(s.seq.block_table) for s in ordered) // 16) * 16
+    tables = np.zeros((S, width), dtype=np.int32)
+    for r, s in enumerate(ordered):
+        bt = s.seq.block_table
+        tables[r, : len(bt)] = bt
+
+    ids_parts: list[np.ndarray] = []
+    pos_parts: list[np.ndarray] = []
+    qlens: list[int] = []
+    pctx: list[int] = []
+    sample_rows: list[int] = []
+    row = 0
+    for s in prefills:
+        seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
+        ids_parts.append(np.asarray(seq.token_slice(start, start + n), dtype=np.int64))
+        pos_parts.append(np.arange(start, start + n, dtype=np.int64))
+        qlens.append(n)
+        pctx.append(start + n)
+        row += n
+        if s.samples:
+            sample_rows.append(row - 1)
+    num_prefill_tokens = row
+    dctx: list[int] = []
+    if D:
+        dpos = np.fromiter((s.seq.num_computed for s in decodes), dtype=np.int64, count=D)
+        ids_parts.append(np.fromiter((_last_token(s) for s in decodes), dtype=np.int64, count=D))
+        pos_parts.append(dpos)
+        dctx = (dpos + 1).tolist()
+        # Every decode samples (its one new token is the sequence's last).
+        sample_rows.extend(range(num_prefill_tokens, num_prefill_tokens + D))
+    input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
+    positions = np.concatenate(pos_parts) if pos_parts else np.zeros(0, dtype=np.int64)
+    # Each token's slot: its block (looked up in its sequence's table row) * block_size + offset.
+    seq_of_token = np.repeat(np.arange(S), [*qlens, *([1] * D)])
+    blocks = tables[seq_of_token, positions // block_size].astype(np.int64)
+    slot_mapping = blocks * block_size + positions % block_size
+    context_lens = np.asarray(pctx + dctx, dtype=np.int32)
+    query_starts = np.zeros(P + 1, dtype=np.int32)
+    if P:
+        np.cumsum(qlens, out=query_starts[1:])
+    return StepInputs(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        block_tables=tables,
+        context_lens=context_lens,
+        query_starts=query_starts,
+        sample_rows=sample_rows,
+        num_prefills=P,
+        num_prefill_tokens=num_prefill_tokens,
+        num_decodes=D,
+        max_query_len=max(qlens) if qlens else 1,
+        prefill_query_lens=qlens,
+        prefill_context_lens=pctx,
+        decode_context_lens=dctx,
+    )
+
+
+def to_device(inp: StepInputs, device: torch.device, decode_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input_ids, positions, metadata) on `device` for an eager forward."""
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        slot_mapping=dev(inp.slot_mapping),
+        block_tables=dev(inp.block_tables),
+        context_lens=dev(inp.context_lens),
+        query_starts=dev(inp.query_starts),
+        num_prefills=inp.num_prefills,
+        num_prefill_tokens=inp.num_prefill_tokens,
+        num_decodes=inp.num_decodes,
+        max_query_len=inp.max_query_len,
+        prefill_query_lens=inp.prefill_query_lens,
+        prefill_context_lens=inp.prefill_context_lens,
+        decode_context_lens=inp.decode_context_lens,
+        decode_splits=decode_splits,
+    )
+    return dev(inp.input_ids), dev(inp.positions), meta
