@@ -229,6 +229,21 @@ class ChatCompletionChunk(_Response):
     system_fingerprint: str | None = None
 
 
+@dataclass(slots=True)
+class RawChunk:
+    """A streamed chunk forwarded as the upstream's own JSON bytes (its `model` already
+    rewritten to the id the client asked for), with only what the gateway must read of it:
+    usage (limits, metrics), whether it has choices (a usage-only chunk the client did not
+    ask for is dropped) and whether it carries text (time to first token). Remote backends
+    yield these from `chat_stream_raw` / `completion_stream_raw`: parsing every chunk into
+    models and serialising it again cost more than the rest of the gateway per chunk."""
+
+    data: bytes
+    usage: Usage | None = None
+    has_choices: bool = True
+    has_text: bool = False
+
+
 class CompletionLogprobs(_Response):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)

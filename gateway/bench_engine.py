@@ -117,6 +117,7 @@ class EngineResult:
     roofline: dict[str, float]
     load_s: float
     profile: dict[str, Any] = field(default_factory=dict)
+    async_scheduling: bool = False
 
 
 def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[EngineResult, Any]:
@@ -139,6 +140,7 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
+        async_scheduling=False if getattr(args, "sync_scheduling", False) else None,
         seed=args.seed,
     )
     _sync(torch, cuda)
@@ -252,6 +254,7 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
         roofline=roofline,
         load_s=load_s,
         profile=prof_result,
+        async_scheduling=engine.async_scheduling,
     )
     return result, engine
 
@@ -413,6 +416,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--sync-scheduling", action="store_true", help="no async scheduling (host work not overlapped with the GPU)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-attn", default="sdpa", help="attn_implementation for the transformers peer")
     p.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from fastapi import Request, Response
 from opentelemetry import trace
 
-from backends.protocol import Backend, BackendError, ChatCompletionRequest, CompletionRequest, StreamOptions
+from backends.protocol import Backend, BackendError, ChatCompletionRequest, CompletionRequest, RawChunk, StreamOptions
 from gateway.auth import AuthError, ModelForbidden, admit
 from gateway.dispatch import Dispatcher, Lease, Route, first_item, until_deadline
 from gateway.outcome import RequestOutcome
@@ -60,7 +60,8 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
     try:
         with tracing.span("turnout.rate_limit", span):
             ticket = await admit(request, body)
-        body._raw_body = await request.body()  # remote backends forward it as it came
+        if body._raw_body is None:
+            body._raw_body = await request.body()  # remote backends forward it as it came
         pool, headers = _assign_variant(runtime, dispatcher, body, request, outcome, principal)
         features = _features(dispatcher, body, principal)
         if body.stream:
@@ -181,7 +182,7 @@ def _shadow(
     outcome.experiment, outcome.variant = experiment.name, variant.name
 
     async def run() -> None:
-        features = RequestFeatures(model=body.model)
+        features = RequestFeatures(model=body.model, priority=1)  # shadow copies never take interactive slots
         try:
             lease, (result, _) = await dispatcher.call(
                 body.model, lambda b, r: _answer(kind, b, r, copy, runtime.tracing, None), features, variant.backends
@@ -220,7 +221,12 @@ async def _open_stream(
     bspan = tracing.start_span(f"turnout.backend {backend.name}", parent, **{"turnout.backend": backend.name})
     try:
         with trace.use_span(bspan, end_on_exit=False) if bspan is not None else _nothing():
-            stream = backend.chat_stream(body) if kind == "chat" else backend.completion_stream(body)  # type: ignore[arg-type]
+            # Remote backends hand over the upstream's bytes (RawChunk): nothing to re-serialise.
+            raw = getattr(backend, "chat_stream_raw" if kind == "chat" else "completion_stream_raw", None)
+            if raw is not None:
+                stream = raw(body)
+            else:
+                stream = backend.chat_stream(body) if kind == "chat" else backend.completion_stream(body)  # type: ignore[arg-type]
             first = await first_item(stream, route.config.timeouts.first_token_s)
         if bspan is not None:
             bspan.add_event("gen_ai.first_chunk")
@@ -235,6 +241,16 @@ async def _observed(items: AsyncIterator[Any], strip_usage: bool, outcome: Reque
     """Pass chunks through, noting the first token and the usage; drop the usage chunk the
     client did not ask for."""
     async for item in items:
+        if type(item) is RawChunk:
+            if item.usage is not None:
+                outcome.prompt_tokens = item.usage.prompt_tokens
+                outcome.completion_tokens = item.usage.completion_tokens
+                if strip_usage and not item.has_choices:
+                    continue
+            if outcome.first_token_at is None and item.has_text:
+                outcome.first_token()
+            yield item
+            continue
         if item.usage is not None:
             outcome.prompt_tokens = item.usage.prompt_tokens
             outcome.completion_tokens = item.usage.completion_tokens

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from backends.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelNotFound
 from gateway.auth import admit
+from gateway.body import parse_body
 from gateway.errors import error_response
 from gateway.generate import generate, unless_disconnected
 from gateway.metrics import exposition
@@ -22,13 +23,17 @@ def _registry(request: Request) -> BackendRegistry:
     return request.app.state.runtime.registry
 
 
+# The body is parsed here rather than declared as a parameter: FastAPI's dependency solving
+# cost more than the whole validation (py-spy); gateway.body keeps FastAPI's errors.
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def chat_completions(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
     return await unless_disconnected(request, generate("chat", body, request))
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> Response:
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
     return await unless_disconnected(request, generate("completions", body, request))
 
 

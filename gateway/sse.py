@@ -10,7 +10,7 @@ from contextlib import aclosing
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from backends.protocol import BackendError
+from backends.protocol import BackendError, RawChunk
 
 log = logging.getLogger("turnout.sse")
 
@@ -18,8 +18,10 @@ DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def encode(item: BaseModel) -> bytes:
-    return b"data: " + item.model_dump_json().encode() + b"\n\n"
+def encode(item: BaseModel | RawChunk) -> bytes:
+    if type(item) is RawChunk:
+        return b"data: " + item.data + b"\n\n"  # the upstream's bytes, as they came
+    return b"data: " + item.model_dump_json().encode() + b"\n\n"  # type: ignore[union-attr]
 
 
 async def _events(first: BaseModel, rest: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:

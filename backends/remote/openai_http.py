@@ -8,6 +8,10 @@ status and OpenAI error fields, except 401/403 (the gateway's own key was refuse
 and 429 (the upstream throttles the gateway: a 503, like an upstream 503, Retry-After kept);
 everything else (connect errors, other 5xx, unparsable answers, timeouts) is a 502
 `UpstreamError` whose `failure` says what happened, for the retry and circuit policies.
+
+The transport is aiohttp: on the gateway's hot path it costs about a third of what httpx
+(httpcore + anyio) costs per request (profiled with py-spy; docs/benchmarks.md, "Gateway
+overhead").
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 from opentelemetry import propagate
 from pydantic import BaseModel, ValidationError
 
@@ -36,7 +40,9 @@ from backends.protocol import (
     LoadReport,
     ModelCard,
     Overloaded,
+    RawChunk,
     UpstreamError,
+    Usage,
 )
 
 log = logging.getLogger("turnout.remote")
@@ -128,7 +134,7 @@ class RemoteBackend:
         self.first_token_timeout_s = first_token_timeout_s
         self.total_timeout_s = total_timeout_s
         self.max_connections = max_connections
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
         self._in_flight = 0
         self._last_load: LoadReport | None = None
         # Called with each load report an upstream piggybacks on a response (the gateway's
@@ -145,26 +151,33 @@ class RemoteBackend:
         """Close the pool; streams still open are cut."""
         if self._http is not None:
             http, self._http = self._http, None
-            await http.aclose()
+            await http.close()
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
             headers = {"accept": "application/json"}
             if self.api_key:
                 headers["authorization"] = f"Bearer {self.api_key}"
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections,
+                limit_per_host=0,  # one upstream per client: `limit` is the pool
+                keepalive_timeout=30,
+                ttl_dns_cache=300,
+            )
+            self._http = aiohttp.ClientSession(
                 headers=headers,
-                # Reads are bounded by our own first-token / total deadlines (below); httpx's
-                # read timeout is only a backstop.
-                timeout=httpx.Timeout(
-                    connect=self.connect_timeout_s,
-                    read=self.total_timeout_s,
-                    write=self.total_timeout_s,
-                    pool=self.first_token_timeout_s,
+                connector=connector,
+                # Reads are bounded by our own first-token / total deadlines (below); these
+                # are backstops. `connect` includes waiting for a free pooled connection.
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=self.first_token_timeout_s,
+                    sock_connect=self.connect_timeout_s,
+                    sock_read=self.total_timeout_s,
                 ),
-                limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections),
-                follow_redirects=False,
+                auto_decompress=True,
+                raise_for_status=False,
+                skip_auto_headers=("User-Agent",),
             )
         return self._http
 
@@ -194,7 +207,7 @@ class RemoteBackend:
 
     def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         body = self._body(request, stream=True)
-        return self._stream("/chat/completions", body, lambda d: self._parse(ChatCompletionChunk, d, request.model))
+        return self._stream("/chat/completions", body, lambda d, _: self._parse(ChatCompletionChunk, d, request.model))
 
     async def completion(self, request: CompletionRequest) -> Completion:
         data = await self._post("/completions", self._body(request, stream=False))
@@ -202,7 +215,16 @@ class RemoteBackend:
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
         body = self._body(request, stream=True)
-        return self._stream("/completions", body, lambda d: self._parse(Completion, d, request.model))
+        return self._stream("/completions", body, lambda d, _: self._parse(Completion, d, request.model))
+
+    def chat_stream_raw(self, request: ChatCompletionRequest) -> AsyncIterator[RawChunk]:
+        """`chat_stream` as the upstream's bytes (see RawChunk): the gateway's SSE path."""
+        body = self._body(request, stream=True)
+        return self._stream("/chat/completions", body, self._raw_parser(ChatCompletionChunk, request.model))
+
+    def completion_stream_raw(self, request: CompletionRequest) -> AsyncIterator[RawChunk]:
+        body = self._body(request, stream=True)
+        return self._stream("/completions", body, self._raw_parser(Completion, request.model))
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -249,7 +271,46 @@ class RemoteBackend:
         item.model = model  # type: ignore[attr-defined]
         return item
 
-    def _note_response(self, response: httpx.Response) -> None:
+    def _raw_parser(self, cls: type[BaseModel], model: str) -> Callable[[Any, bytes], RawChunk]:
+        """Turns each event into a RawChunk: the first is validated as `cls` (a malformed
+        upstream fails before the first byte, where it can still be retried); the rest are
+        forwarded with `model` rewritten in place where the upstream wrote it plainly."""
+        upstream = json.dumps(self.model, ensure_ascii=False).encode()
+        wanted = json.dumps(model, ensure_ascii=False).encode()
+        patterns = [(b'"model":' + upstream, b'"model":' + wanted), (b'"model": ' + upstream, b'"model": ' + wanted)]
+        first = True
+
+        def parse(obj: Any, data: bytes) -> RawChunk:
+            nonlocal first
+            if first:
+                self._parse(cls, obj, model)  # raises RemoteFailure(protocol) when it is not one
+                first = False
+            if not isinstance(obj, dict):
+                raise RemoteFailure(f"upstream {self.name!r} sent an event that is not an object", failure="protocol")
+            if obj.get("model") != model:
+                for old, new in patterns:
+                    if old in data:
+                        data = data.replace(old, new, 1)
+                        break
+                else:  # written some other way (or missing): rewrite the whole event
+                    obj["model"] = model
+                    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+            choices = obj.get("choices")
+            usage = obj.get("usage")
+            text = False
+            if choices and isinstance(choices, list) and isinstance(choices[0], dict):
+                delta = choices[0].get("delta")
+                text = bool(delta.get("content") if isinstance(delta, dict) else choices[0].get("text"))
+            return RawChunk(
+                data,
+                usage=Usage.model_validate(usage) if isinstance(usage, dict) and usage else None,
+                has_choices=bool(choices),
+                has_text=text,
+            )
+
+        return parse
+
+    def _note_response(self, response: aiohttp.ClientResponse) -> None:
         header = response.headers.get(LOAD_HEADER)
         if header:
             try:
@@ -260,18 +321,18 @@ class RemoteBackend:
                 log.warning("backend %s: unparsable %s header %r", self.name, LOAD_HEADER, header)
 
     def _transport_error(self, exc: BaseException, phase: str) -> RemoteFailure:
-        """Map an httpx / timeout exception to a 502 with its failure kind."""
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        """Map an aiohttp / timeout exception to a 502 with its failure kind."""
+        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
             log.warning("backend %s: cannot connect to %s: %s", self.name, self.base_url, exc)
             return RemoteFailure(f"could not connect to upstream {self.name!r}", failure="connect")
-        if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        if isinstance(exc, TimeoutError):
             return RemoteFailure(f"upstream {self.name!r} timed out ({phase})", failure="timeout")
         return RemoteFailure(f"upstream {self.name!r} failed ({phase}): {type(exc).__name__}", failure="server")
 
-    def _status_error(self, response: httpx.Response) -> BackendError:
-        """The error for an upstream answer with status >= 400."""
-        status = response.status_code
-        message, type_, code, param = _error_fields(response)
+    def _status_error(self, response: aiohttp.ClientResponse, payload: bytes) -> BackendError:
+        """The error for an upstream answer with status >= 400 (`payload`: its body)."""
+        status = response.status
+        message, type_, code, param = _error_fields(payload)
         if status in (429, 503):
             # 503: the node sheds load. 429: it throttles *this gateway's* key. Either way the
             # system, not the caller, is saturated: DESIGN.md keeps 429 for a caller over its
@@ -300,20 +361,29 @@ class RemoteBackend:
         self._in_flight += 1
         try:
             try:
-                response = await _before(deadline, self._client().post(path, content=body, headers=self._headers()))
-            except (httpx.HTTPError, TimeoutError) as exc:
+                status, payload = await _before(deadline, self._post_read(path, body))
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise self._transport_error(exc, "total") from exc
-            self._note_response(response)
-            if response.status_code >= 400:
-                raise self._status_error(response)
+            if isinstance(status, BackendError):
+                raise status
             try:
-                return response.json()
+                return json.loads(payload)
             except ValueError as exc:
                 raise RemoteFailure(f"upstream {self.name!r} sent a body that is not JSON", failure="protocol") from exc
         finally:
             self._in_flight -= 1
 
-    async def _stream(self, path: str, body: bytes, parse: Callable[[Any], M]) -> AsyncIterator[M]:
+    async def _post_read(self, path: str, body: bytes) -> tuple[int | BackendError, bytes]:
+        """One POST read to the end: (status, or the error for a status >= 400; the body).
+        Cancelling it (the client left) closes the connection, so the upstream stops."""
+        async with self._client().post(self.base_url + path, data=body, headers=self._headers()) as response:
+            self._note_response(response)
+            payload = await response.read()
+            if response.status >= 400:
+                return self._status_error(response, payload), payload
+            return response.status, payload
+
+    async def _stream(self, path: str, body: bytes, parse: Callable[[Any, bytes], T]) -> AsyncIterator[T]:
         """POST with stream=true and yield each SSE `data:` event parsed, until [DONE].
 
         The first event must arrive within first_token_timeout_s, the whole stream within
@@ -327,36 +397,37 @@ class RemoteBackend:
         first_deadline = min(start + self.first_token_timeout_s, total_deadline)
         self._in_flight += 1
         try:
-            request = client.build_request("POST", path, content=body, headers={**self._headers(), "accept": "text/event-stream"})
+            headers = {**self._headers(), "accept": "text/event-stream"}
             try:
-                response = await _before(first_deadline, client.send(request, stream=True))
-            except (httpx.HTTPError, TimeoutError) as exc:
+                response = await _before(first_deadline, client.post(self.base_url + path, data=body, headers=headers))
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise self._transport_error(exc, "first token") from exc
+            finished = False
             try:
                 self._note_response(response)
-                if response.status_code >= 400:
+                if response.status >= 400:
                     try:
-                        await _before(first_deadline, response.aread())
-                    except (httpx.HTTPError, TimeoutError) as exc:
+                        payload = await _before(first_deadline, response.read())
+                    except (aiohttp.ClientError, TimeoutError) as exc:
                         raise self._transport_error(exc, "error body") from exc
-                    raise self._status_error(response)
-                lines = response.aiter_lines()
+                    finished = True
+                    raise self._status_error(response, payload)
                 got_first = False
+                # One deadline per socket read, not per event: the first token's until the
+                # first event, then the total's.
+                lines = _sse_data(response.content, lambda: total_deadline if got_first else first_deadline)
                 while True:
                     try:
-                        line = await _before(total_deadline if got_first else first_deadline, anext(lines))
+                        data = await anext(lines)
                     except StopAsyncIteration:
                         raise RemoteFailure(
                             f"upstream {self.name!r} ended the stream without [DONE]", failure="server"
                         ) from None
-                    except (httpx.HTTPError, TimeoutError) as exc:
+                    except (aiohttp.ClientError, TimeoutError) as exc:
                         raise self._transport_error(exc, "total" if got_first else "first token") from exc
-                    # SSE: only `data:` lines carry events; comments (": ping"), `event:`, `id:`
-                    # and the blank separators are skipped.
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].removeprefix(" ")
-                    if data.strip() == "[DONE]":
+                    if data == b"[DONE]":
+                        # Read the (empty) rest, so the connection goes back to the pool.
+                        finished = await _drained(response, min(total_deadline, loop.time() + 1.0))
                         return
                     try:
                         obj = json.loads(data)
@@ -368,23 +439,61 @@ class RemoteBackend:
                         message = err.get("message") if isinstance(err, dict) else str(err)
                         raise RemoteFailure(f"upstream {self.name!r} failed mid-stream: {message}", failure="server")
                     got_first = True
-                    yield parse(obj)
+                    yield parse(obj, data)
             finally:
-                # Not read to the end: httpx closes the connection instead of pooling it,
-                # which is what tells the upstream to cancel.
-                await response.aclose()
+                # Not read to the end: close the connection instead of pooling it, which is
+                # what tells the upstream to cancel.
+                if finished:
+                    response.release()
+                else:
+                    response.close()
         finally:
             self._in_flight -= 1
 
 
-def _error_fields(response: httpx.Response) -> tuple[str, str | None, str | None, str | None]:
-    """(message, type, code, param) of an error answer: OpenAI's body, `{"error": "text"}`
+async def _sse_data(content: aiohttp.StreamReader, deadline: Callable[[], float]) -> AsyncIterator[bytes]:
+    """The `data:` payloads of an SSE body, however its bytes were chunked; comments
+    (": ping"), `event:`/`id:` lines and blank separators are skipped. No line-length limit,
+    unlike StreamReader.readline (an event can be large: logprobs). Each read must finish by
+    `deadline()` (loop time), else TimeoutError."""
+    buffer = b""
+    while True:
+        async with asyncio.timeout_at(deadline()):
+            chunk = await content.readany()
+        if not chunk:
+            break
+        buffer = buffer + chunk if buffer else chunk
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            line = buffer[start:end]
+            start = end + 1
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+        buffer = buffer[start:]
+    if buffer.startswith(b"data:"):
+        yield buffer[5:].strip()
+
+
+async def _drained(response: aiohttp.ClientResponse, deadline: float) -> bool:
+    """Read what follows [DONE] (nothing, then the end of the body) within `deadline`:
+    True when the body ended, so the connection may be reused."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            while await response.content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+    return True
+
+
+def _error_fields(payload: bytes) -> tuple[str, str | None, str | None, str | None]:
+    """(message, type, code, param) of an error answer's body: OpenAI's, `{"error": "text"}`
     (Ollama and others), or the text itself."""
     try:
-        payload = response.json()
+        data = json.loads(payload)
     except ValueError:
-        payload = None
-    err = payload.get("error") if isinstance(payload, dict) else None
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
         code = err.get("code")
         return (
@@ -395,9 +504,9 @@ def _error_fields(response: httpx.Response) -> tuple[str, str | None, str | None
         )
     if isinstance(err, str):
         return err, None, None, None
-    if isinstance(payload, dict) and isinstance(payload.get("detail"), str):  # FastAPI-style
-        return payload["detail"], None, None, None
-    return response.text[:500].strip(), None, None, None
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):  # FastAPI-style
+        return data["detail"], None, None, None
+    return payload.decode("utf-8", "replace")[:500].strip(), None, None, None
 
 
 def _retry_after(value: str | None) -> float:

@@ -32,13 +32,16 @@ def greedy(i: int, prompt: list[int], n: int) -> GenerationRequest:
     return GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
 
-def test_fp32_greedy_tokens_equal_transformers() -> None:
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_fp32_greedy_tokens_equal_transformers(async_scheduling: bool) -> None:
     # 24 blocks of 16 tokens cannot hold all five sequences at once: preemption by recompute.
     engine = LLMEngine.from_model(
         "dummy:smollm2-135m", device="cuda", dtype="float32", num_blocks=24, block_size=16,
         max_num_seqs=8, max_num_batched_tokens=64, max_model_len=384, watermark=0.0,
+        async_scheduling=async_scheduling,
     )  # fmt: skip
     assert engine.kernels == "triton" and engine.graphs is not None
+    assert engine.async_scheduling is async_scheduling
     ps = prompts(5, engine.config.vocab_size, 10, 150, seed=0)
     n = 16
     out = engine.generate_sync([greedy(i, p, n) for i, p in enumerate(ps)])
@@ -61,6 +64,7 @@ def test_bf16_logits_close_to_transformers_and_pool_sized_by_profiling(monkeypat
         max_num_seqs=16, max_num_batched_tokens=512, max_model_len=2048,
     )  # fmt: skip
     assert engine.dtype == torch.bfloat16
+    assert engine.async_scheduling  # the default on CUDA
     cache_bytes = engine.cache.nbytes()
     assert torch.cuda.memory_allocated() <= util * total, "the engine went over gpu_memory_utilization"
     assert cache_bytes >= 0.5 * (0.25 * total - engine.model.w.nbytes()), "the KV pool should get most of the rest"
@@ -73,7 +77,16 @@ def test_bf16_logits_close_to_transformers_and_pool_sized_by_profiling(monkeypat
         recorded.append(([s.request_id for s in states], logits.float().cpu()))
         return results
 
+    real_sample_tokens_device = engine_module.sample_tokens_device
+
+    def recording_sample_tokens_device(logits: torch.Tensor, states: list) -> torch.Tensor | None:
+        tokens = real_sample_tokens_device(logits, states)
+        if tokens is not None:  # otherwise the engine calls sample_batch next
+            recorded.append(([s.request_id for s in states], logits.float().cpu()))
+        return tokens
+
     monkeypatch.setattr(engine_module, "sample_batch", recording_sample_batch)
+    monkeypatch.setattr(engine_module, "sample_tokens_device", recording_sample_tokens_device)
     # Request ids travel on the sampler states for this test only.
     real_add = engine.add_request
 
