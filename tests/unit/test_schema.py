@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from gateway.app import DEFAULT_CONFIG, load_config
 from policies.schema import ConfigError, parse_config
@@ -60,10 +61,23 @@ def test_routes_and_served_names() -> None:
     assert config.aliases() == {"Foo-Q4": ["a"], "small": ["b"], "chat": ["a", "b"]}
 
 
-@pytest.mark.parametrize("path", sorted((DEFAULT_CONFIG.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
-def test_worked_examples_validate(path) -> None:  # type: ignore[no-untyped-def]
+REPO = DEFAULT_CONFIG.parent.parent
+POLICIES = sorted((REPO / "config" / "examples").glob("*.yaml")) + sorted((REPO / "deploy" / "compose").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in POLICIES if p.name != "docker-compose.yml"], ids=lambda p: p.name)
+def test_worked_examples_and_deploy_policies_validate(path) -> None:  # type: ignore[no-untyped-def]
     config = load_config(path)
     assert config.backends
+
+
+@pytest.mark.parametrize("manifest", ["policy-configmap.yaml", "gpu-node.yaml"])
+def test_kubernetes_configmap_policies_validate(manifest: str) -> None:
+    documents = [d for d in yaml.safe_load_all((REPO / "deploy" / "k8s" / manifest).read_text()) if d]
+    maps = [d for d in documents if d["kind"] == "ConfigMap"]
+    assert maps
+    for cm in maps:
+        assert parse_config(cm["data"]["config.yaml"], source=manifest).backends
 
 
 def test_check_command_exit_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
