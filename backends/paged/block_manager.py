@@ -126,11 +126,14 @@ class BlockManager:
         self.prefix_hits += hit
         return hit
 
-    def commit_full_blocks(self, seq: Sequence) -> None:
-        """Register the hashes of seq's blocks that became full and computed this step."""
+    def commit_full_blocks(self, seq: Sequence, known: int | None = None) -> None:
+        """Register the hashes of seq's blocks that became full and computed this step.
+        `known`: how many of seq's leading tokens have known values (async scheduling leaves
+        sampled tokens on the device for a step); blocks past it wait for a later call."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed // self.block_size
+        computed = seq.num_computed if known is None else min(seq.num_computed, known)
+        full = computed // self.block_size
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None

@@ -17,7 +17,7 @@ import torch
 from backends.paged.attention import AttentionMetadata
 from backends.paged.kv_cache import KVCache
 from backends.paged.model import LlamaModel
-from backends.paged.step_inputs import StepInputs
+from backends.paged.step_inputs import StepInputs, patch_input_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,22 @@ class DecodeGraphRunner:
         self.ctx = torch.ones(max_batch, dtype=i32, device=dev)
         self.tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=i32, device=dev)
         self._query_starts = torch.zeros(1, dtype=i32, device=dev)
-        # Pinned host staging: ids, positions, slots in one int64 buffer; context lens and the
-        # block table in int32 ones.
+        self.src = torch.zeros(max_batch, dtype=i64, device=dev)  # rows fed from the last step's tokens
+        # Pinned host staging: ids, positions, slots and source rows in one int64 buffer;
+        # context lens and the block table in int32 ones. Two sets, used in turn: with async
+        # scheduling the host fills the next step's set while the last one's copies may not
+        # have run yet; an event per set says when its copies are done.
         pin = dev.type == "cuda"
-        self._h64 = torch.zeros(3 * max_batch, dtype=i64, pin_memory=pin)
-        self._h32 = torch.zeros(max_batch, dtype=i32, pin_memory=pin)
-        self._hbt = torch.zeros(max_batch * max_blocks_per_seq, dtype=i32, pin_memory=pin)
+        self._stages = [
+            (
+                torch.zeros(4 * max_batch, dtype=i64, pin_memory=pin),
+                torch.zeros(max_batch, dtype=i32, pin_memory=pin),
+                torch.zeros(max_batch * max_blocks_per_seq, dtype=i32, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self._stage_events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._stage_next = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -114,21 +124,34 @@ class DecodeGraphRunner:
         assert b is not None and self._graphs, "no captured graph for this batch"
         W = inp.block_tables.shape[1]
         mb = self.max_batch
-        h64 = self._h64.numpy()
-        h64[:B] = inp.input_ids
+        k = self._stage_next
+        self._stage_next = 1 - k
+        t64, t32, tbt = self._stages[k]
+        event = self._stage_events[k]
+        if event is not None:
+            event.synchronize()  # this set's previous copies have run (normally long ago)
+        h64 = t64.numpy()
+        h64[:B] = inp.input_ids  # PENDING (-1) in rows fed from the last step, patched below
+        h64[B:b] = 0  # padding rows read a valid embedding row
         h64[mb : mb + B] = inp.positions
         h64[2 * mb : 2 * mb + b] = -1  # padding rows write nowhere
         h64[2 * mb : 2 * mb + B] = inp.slot_mapping
-        h32 = self._h32.numpy()
+        h32 = t32.numpy()
         h32[:b] = 1
         h32[:B] = inp.context_lens
-        hbt = self._hbt[: B * W].view(B, W)
+        hbt = tbt[: B * W].view(B, W)
         hbt.numpy()[:] = inp.block_tables
-        self.ids[:b].copy_(self._h64[:b], non_blocking=True)
-        self.pos[:b].copy_(self._h64[mb : mb + b], non_blocking=True)
-        self.slots[:b].copy_(self._h64[2 * mb : 2 * mb + b], non_blocking=True)
-        self.ctx[:b].copy_(self._h32[:b], non_blocking=True)
+        self.ids[:b].copy_(t64[:b], non_blocking=True)
+        self.pos[:b].copy_(t64[mb : mb + b], non_blocking=True)
+        self.slots[:b].copy_(t64[2 * mb : 2 * mb + b], non_blocking=True)
+        self.ctx[:b].copy_(t32[:b], non_blocking=True)
         self.tables[:B, :W].copy_(hbt, non_blocking=True)
+        if inp.prev_rows is not None:
+            h64[3 * mb : 3 * mb + B] = inp.prev_rows
+            self.src[:B].copy_(t64[3 * mb : 3 * mb + B], non_blocking=True)
+            self.ids[:B].copy_(patch_input_ids(self.ids[:B], inp.prev_tokens, self.src[:B]))
+        if event is not None:
+            event.record()
         graph, out = self._graphs[b]
         graph.replay()
         return out[:B]

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from backends.generation import GenerationDelta, GenerationRequest, TokenLogprob
@@ -20,9 +21,9 @@ from backends.paged.kv_cache import KVCache, num_blocks_for_budget
 from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
 from backends.paged.memory_profile import profile_num_blocks
 from backends.paged.model import LlamaModel, TorchOps
-from backends.paged.sampler import SamplerState, sample_batch
-from backends.paged.scheduler import Scheduler
-from backends.paged.sequence import Sequence
+from backends.paged.sampler import SamplerState, sample_batch, sample_tokens_device
+from backends.paged.scheduler import ScheduledSeq, Scheduler
+from backends.paged.sequence import PENDING, Sequence, SeqStatus
 from backends.paged.step_inputs import StepInputs, build_step_inputs, to_device
 from backends.paged.tokenizer import IncrementalDetokenizer, Tokenizer
 from backends.paged.weights import ModelWeights
@@ -54,6 +55,9 @@ class EngineOptions:
     kernels: str = "auto"  # auto: triton on CUDA, torch on CPU; or "torch" / "triton"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     cuda_graph_max_batch: int | None = None  # largest captured decode batch (default max_num_seqs)
+    # Overlap a step's host work with the GPU: sampled tokens stay on the device as the next
+    # step's inputs and are read back one step later. None: on for CUDA, off on CPU.
+    async_scheduling: bool | None = None
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> EngineOptions:
@@ -126,6 +130,25 @@ class StepInfo:
     graph: bool
 
 
+def split_prefills_decodes(scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+    """(prefill chunks, decodes). A decode computes a sequence's last token (and samples); a
+    one-token chunk cut short by the step's budget is a prefill chunk, not a decode."""
+    prefills, decodes = [], []
+    for s in scheduled:
+        (decodes if s.num_tokens == 1 and s.samples else prefills).append(s)
+    return prefills, decodes
+
+
+@dataclass
+class _InFlight:
+    """A step whose sampled tokens are still on the device (async scheduling)."""
+
+    entries: list[tuple[Sequence, int]]  # (sequence, index of its PENDING output token), by row
+    tokens: torch.Tensor  # [n] int64 on the device: the next step's inputs
+    host: torch.Tensor  # pinned [>= n] int64 the tokens are copied into
+    event: Any  # torch.cuda.Event recorded after that copy (None on CPU)
+
+
 class LLMEngine:
     """The engine. Not thread-safe: one thread drives it (see async_engine)."""
 
@@ -179,6 +202,14 @@ class LLMEngine:
             )
             self.graphs.capture()
         self.last_step: StepInfo | None = None
+        self.async_scheduling = options.async_scheduling if options.async_scheduling is not None else self.device.type == "cuda"
+        self._inflight: _InFlight | None = None
+        pin = self.device.type == "cuda"
+        # Two host buffers (and events) for sampled tokens, used in turn: one step's copy
+        # lands while the previous one's is read.
+        self._token_host = [torch.zeros(options.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._token_events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._token_next = 0
         self.seqs: dict[str, Sequence] = {}
         self.counters = EngineCounters()
 
@@ -246,18 +277,23 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Run one scheduler step; return the deltas of the sequences that produced tokens."""
+        """Run one scheduler step; return the deltas of the sequences that produced tokens.
+        With async scheduling those are mostly the previous step's (see _step_async)."""
+        if self.async_scheduling:
+            t0 = time.perf_counter()
+            outputs = self._step_async()
+            self.counters.step_time_s += time.perf_counter() - t0
+            return outputs
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        prefills = [s for s in plan.scheduled if s.num_tokens > 1]
-        decodes = [s for s in plan.scheduled if s.num_tokens == 1]
+        prefills, decodes = split_prefills_decodes(plan.scheduled)
         ordered = prefills + decodes
         samplers = [s for s in ordered if s.samples]  # before num_computed moves
         inp = build_step_inputs(prefills, decodes, self.options.block_size)
@@ -294,10 +330,116 @@ class LLMEngine:
             hidden = hidden.index_select(0, rows.to(self.device, non_blocking=True))
         return self.model.logits(hidden)
 
+    def _step_async(self) -> list[StepOutput]:
+        """One step with the host work overlapped with the GPU's (vLLM's async scheduling).
+
+        Step N is scheduled and launched while step N-1 may still run on the device: each
+        sequence that samples gets a PENDING placeholder token (so the scheduler's counts are
+        right), and a decode whose last token is N-1's placeholder reads it from N-1's token
+        tensor on the device. After the launch, N-1's tokens are read back (the only sync,
+        normally already complete) and processed: detokenization, stops, deltas, prefix-cache
+        hashes. A sequence that N-1 finished (a stop) may have run one wasted row in N; its row
+        is ignored. A sequence whose next token is certainly its last (max_tokens, context
+        end) is not scheduled again. Steps that need the host's sampler (seeds, penalties,
+        bias, logprobs, truncation) process N-1 and then N at once."""
+        prev, self._inflight = self._inflight, None
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return self._resolve(prev) if prev is not None else []
+        prefills, decodes = split_prefills_decodes(plan.scheduled)
+        ordered = prefills + decodes
+        samplers = [s for s in ordered if s.samples]  # before num_computed moves
+        inp = build_step_inputs(prefills, decodes, self.options.block_size)
+        if prev is not None:
+            self._feed_from_device(inp, prefills, decodes, prev)
+        logits = self._run_model(inp)
+        for s in ordered:
+            s.seq.num_computed += s.num_tokens
+        entries = self._add_placeholders(samplers)
+        sampled = {id(s) for s in samplers}
+        for s in prefills:
+            if id(s) not in sampled:  # a sequence that sampled commits when its token is read back
+                self.block_manager.commit_full_blocks(s.seq)
+        self.counters.steps += 1
+        states = [s.seq.state.sampler for s in samplers]
+        tokens = sample_tokens_device(logits, states) if samplers else None
+        if tokens is not None:
+            k = self._token_next
+            self._token_next = 1 - k
+            host, event = self._token_host[k], self._token_events[k]
+            host[: len(entries)].copy_(tokens, non_blocking=True)
+            if event is not None:
+                event.record()
+            outputs = self._resolve(prev) if prev is not None else []
+            self._inflight = _InFlight(entries, tokens, host, event)
+            return outputs
+        outputs = self._resolve(prev) if prev is not None else []
+        if entries:
+            # The host sampler needs the tokens N-1 produced (penalties): sample after them.
+            live = [i for i, (seq, _) in enumerate(entries) if seq.status is not SeqStatus.FINISHED]
+            if live:
+                rows = logits if len(live) == len(entries) else logits.index_select(0, torch.tensor(live, device=logits.device))
+                results = sample_batch(rows, [states[i] for i in live])
+                for i, r in zip(live, results):
+                    seq, idx = entries[i]
+                    outputs.append(self._accept(seq, idx, r.token_id, r))
+        return outputs
+
+    def _feed_from_device(self, inp: StepInputs, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], prev: _InFlight) -> None:
+        """Point the decode rows whose last token is still on the device at prev's tokens."""
+        rows: Any = None
+        base = inp.num_prefill_tokens
+        for j, s in enumerate(decodes):
+            seq = s.seq
+            if seq.num_pending:
+                assert seq.num_pending == 1 and seq.output_ids[-1] == PENDING, "a placeholder older than the last step"
+                if rows is None:
+                    rows = np.full(len(inp.input_ids), -1, dtype=np.int64)
+                rows[base + j] = seq.pending_row
+        for s in prefills:
+            assert not s.seq.num_pending, "a prefill chunk over a token still on the device"
+        if rows is not None:
+            inp.prev_tokens, inp.prev_rows = prev.tokens, rows
+
+    def _add_placeholders(self, samplers: list[ScheduledSeq]) -> list[tuple[Sequence, int]]:
+        entries = []
+        for row, s in enumerate(samplers):
+            seq = s.seq
+            idx = len(seq.output_ids)
+            seq.output_ids.append(PENDING)
+            seq.num_pending += 1
+            seq.pending_row = row
+            if idx + 1 >= seq.sampling.max_tokens or len(seq.prompt_ids) + idx + 1 >= self.max_model_len:
+                seq.final_pending = True  # finishes with "length" whatever the token is
+            entries.append((seq, idx))
+        return entries
+
+    def _resolve(self, rec: _InFlight) -> list[StepOutput]:
+        """Read back a launched step's tokens and process them."""
+        if rec.event is not None:
+            rec.event.synchronize()
+        tokens = rec.host[: len(rec.entries)].tolist()
+        outputs = []
+        for (seq, idx), token in zip(rec.entries, tokens):
+            if seq.status is SeqStatus.FINISHED:  # finished by an earlier token, or aborted
+                continue
+            outputs.append(self._accept(seq, idx, token, None))
+        return outputs
+
+    def _accept(self, seq: Sequence, idx: int, token: int, r: Any) -> StepOutput:
+        """Fill in placeholder idx with its sampled token, then process it."""
+        seq.output_ids[idx] = token
+        seq.num_pending -= 1
+        self.block_manager.commit_full_blocks(seq, seq.num_tokens - seq.num_pending)
+        return self._process_token(seq, idx, token, r)
+
     def _append_token(self, seq: Sequence, r: Any) -> StepOutput:
+        seq.output_ids.append(r.token_id)
+        return self._process_token(seq, len(seq.output_ids) - 1, r.token_id, r)
+
+    def _process_token(self, seq: Sequence, idx: int, token: int, r: Any) -> StepOutput:
+        """Sampler history, detokenization, stops and the delta for output token idx."""
         rt: _SeqRuntime = seq.state
-        token = r.token_id
-        seq.output_ids.append(token)
         rt.sampler.output_ids.append(token)
         self.counters.generation_tokens += 1
         finish: str | None = None
@@ -310,10 +452,10 @@ class LLMEngine:
             text, hit = rt.stops.feed(piece)
             if hit:
                 finish = "stop"
-            if r.logprob is not None:
+            if r is not None and r.logprob is not None:
                 tt = self.tokenizer.token_text
                 logprobs = [TokenLogprob(token, tt(token), r.logprob, [(tt(i), lp) for i, lp in r.top])]
-        if finish is None and (len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len):
+        if finish is None and (idx + 1 >= seq.sampling.max_tokens or len(seq.prompt_ids) + idx + 1 >= self.max_model_len):
             finish = "length"
         if finish is not None:
             if finish == "length" or token in rt.stop_ids:

@@ -119,6 +119,23 @@ def _is_batchable_random(p: SamplingParams) -> bool:
     return p.seed is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
 
 
+def sample_tokens_device(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor | None:
+    """Token ids [B] (int64, on the logits' device, not synced) when every row can be decided
+    in one batch on the device (greedy, or unseeded plain temperature); None otherwise."""
+    params = [s.params for s in states]
+    if not all(_is_plain(p) and (p.greedy or _is_batchable_random(p)) for p in params):
+        return None
+    if all(p.greedy for p in params):
+        return logits.argmax(-1)
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+    probs = (logits / temps[:, None]).softmax(-1)
+    # Gumbel-max in its exponential form: argmax(p / E), E ~ Exp(1), draws from p.
+    noise = torch.empty_like(probs).exponential_()
+    drawn = (probs / noise).argmax(-1)
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    return torch.where(greedy, logits.argmax(-1), drawn)
+
+
 def sample_batch(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample]:
     """One token per row of logits [B, V] (float32, any device) for the matching states.
 
@@ -126,18 +143,8 @@ def sample_batch(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampl
     with a single device -> host copy (the GPU step's only sync). Anything else (seeds, which
     need each request's own generator, penalties, bias, truncation, logprobs) goes through
     `sample` row by row on the CPU, so its results do not depend on the fast path."""
-    params = [s.params for s in states]
-    if all(_is_plain(p) and (p.greedy or _is_batchable_random(p)) for p in params):
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(-1)
-        else:
-            temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
-            probs = (logits / temps[:, None]).softmax(-1)
-            # Gumbel-max in its exponential form: argmax(p / E), E ~ Exp(1), draws from p.
-            noise = torch.empty_like(probs).exponential_()
-            drawn = (probs / noise).argmax(-1)
-            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-            tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    tokens = sample_tokens_device(logits, states)
+    if tokens is not None:
         return [Sample(int(t)) for t in tokens.tolist()]
     if logits.device.type != "cpu":
         logits = logits.cpu()  # the per-request generators live on the CPU

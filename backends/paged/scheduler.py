@@ -94,6 +94,9 @@ class Scheduler:
             seq = self.running[i]
             if budget == 0:
                 break
+            if seq.final_pending:  # its last token is in flight: nothing more to compute
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.bm.blocks_needed(seq, seq.num_computed + n)
             if need:  # most decode steps fit in the last block: nothing to allocate

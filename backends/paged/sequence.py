@@ -11,6 +11,10 @@ from backends.generation import SamplingParams
 
 _arrival = itertools.count()
 
+# An output token sampled on the device whose value the host has not read yet (async
+# scheduling); real token ids are >= 0.
+PENDING = -1
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -36,6 +40,11 @@ class Sequence:
     num_preemptions: int = 0
     # Per-request state the engine attaches (sampler generator, detokenizer, stop matcher).
     state: Any = None
+    # Async scheduling: trailing output_ids that are PENDING, the row of the newest one in its
+    # step's sampled-token tensor, and whether that token is certain to be the last (length).
+    num_pending: int = 0
+    pending_row: int = -1
+    final_pending: bool = False
 
     @property
     def tokens(self) -> list[int]:

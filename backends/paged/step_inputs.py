@@ -33,6 +33,10 @@ class StepInputs:
     prefill_query_lens: list[int]
     prefill_context_lens: list[int]
     decode_context_lens: list[int]
+    # Async scheduling: rows whose input id is the previous step's sampled token, still on the
+    # device: prev_rows[row] indexes prev_tokens (-1: input_ids[row] holds the id).
+    prev_tokens: torch.Tensor | None = None
+    prev_rows: np.ndarray | None = None
 
     @property
     def is_pure_decode(self) -> bool:
@@ -135,4 +139,14 @@ def to_device(inp: StepInputs, device: torch.device, decode_splits: int = 1) -> 
         decode_context_lens=inp.decode_context_lens,
         decode_splits=decode_splits,
     )
-    return dev(inp.input_ids), dev(inp.positions), meta
+    input_ids = dev(inp.input_ids)
+    if inp.prev_rows is not None:
+        input_ids = patch_input_ids(input_ids, inp.prev_tokens, dev(inp.prev_rows))
+    return input_ids, dev(inp.positions), meta
+
+
+def patch_input_ids(input_ids: torch.Tensor, prev_tokens: torch.Tensor, prev_rows: torch.Tensor) -> torch.Tensor:
+    """input_ids with row r replaced by prev_tokens[prev_rows[r]] where prev_rows[r] >= 0
+    (all on the device: no sync)."""
+    gathered = prev_tokens.index_select(0, prev_rows.clamp(min=0))
+    return torch.where(prev_rows >= 0, gathered, input_ids)
