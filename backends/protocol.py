@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -372,8 +372,8 @@ class LoadReport:
 
     def to_header(self) -> str:
         """Envoy ORCA text form for the `endpoint-load-metrics` response header."""
-        values = asdict(self)
-        parts = [f"named_metrics.{name}={float(values[name]):g}" for name in _ORCA_FIELDS]
+        # getattr, not asdict: asdict deep-copies every field, and this runs once a request.
+        parts = [f"named_metrics.{name}={float(getattr(self, name)):g}" for name in _ORCA_FIELDS]
         return "TEXT " + ", ".join(parts)
 
     @classmethod

@@ -12,12 +12,13 @@ from opentelemetry.trace import TracerProvider
 
 from gateway.auth import AuthMiddleware, Authenticator, install_auth_handlers
 from gateway.errors import install_error_handlers
+from gateway.fastpath import DirectRoutes
 from gateway.keys import FileKeyStore, RedisKeyStore
 from gateway.metrics import GatewayMetrics, build_metrics_registry
 from gateway.middleware import RequestContextMiddleware
 from gateway.ratelimit import InProcessStore, Limiter, LimiterMetrics, RedisStore, redis_client
 from gateway.registry import BackendRegistry
-from gateway.routes import router
+from gateway.routes import GENERATION_PATHS, router
 from gateway.runtime import GatewayRuntime
 from gateway.tracing import Tracing
 from policies.schema import AuthConfig, Config, parse_config
@@ -84,6 +85,11 @@ def create_app(
     app.include_router(router)
     install_error_handlers(app)
     install_auth_handlers(app)
+    # Innermost of the app's middlewares: the generation routes without FastAPI's routing
+    # layer. The handlers dict is the app's own, read when the stack is built (first request).
+    app.add_middleware(
+        DirectRoutes, router=app.router, routes=router.routes, paths=GENERATION_PATHS, exception_handlers=app.exception_handlers
+    )
     # Inside the request-id middleware (so 401s carry x-request-id); skipped when there is
     # nothing to check: `auth: none` and no limits.
     if authenticator.store is not None or authenticator.anonymous.buckets:

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import Request, Response
 from opentelemetry import trace
+from starlette.background import BackgroundTask
 
 from backends.protocol import Backend, BackendError, ChatCompletionRequest, CompletionRequest, RawChunk, StreamOptions
 from gateway.auth import AuthError, ModelForbidden, admit
@@ -57,6 +58,7 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
     span = _request_span(tracing, kind, body, request) if tracing.enabled else None
     outcome.trace_id = trace_id_of(span)
     handed_to_stream = False
+    record_after_send = False
     try:
         with tracing.span("turnout.rate_limit", span):
             ticket = await admit(request, body)
@@ -92,7 +94,13 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
         finally:
             lease.release()
             _end(backend_span)
-        return Response(result.model_dump_json(), media_type="application/json", headers=headers)
+        # Metrics and the access line once the answer is on its way (Starlette runs a
+        # response's background after its last byte is sent, before the request ends): the
+        # client does not wait for them. The outcome is finished below, as on every path.
+        record_after_send = True
+        return Response(
+            result.model_dump_json(), media_type="application/json", headers=headers, background=BackgroundTask(_record, runtime, outcome)
+        )
     except BaseException as exc:
         outcome.status, outcome.error_code = _status_of(exc)
         if not handed_to_stream and "ticket" in locals():
@@ -102,8 +110,15 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
     finally:
         if not handed_to_stream:
             outcome.finish()
-            runtime.record(outcome)
+            if not record_after_send:
+                runtime.record(outcome)
             _end(span, outcome)
+
+
+async def _record(runtime: GatewayRuntime, outcome: RequestOutcome) -> None:
+    """`runtime.record` as a response's background: a coroutine, so Starlette runs it on the
+    event loop (a plain function would go to its thread pool)."""
+    runtime.record(outcome)
 
 
 # -- steps -------------------------------------------------------------------------------------
@@ -336,16 +351,49 @@ class _nothing:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
-    """Await `work`, cancelling it (and so the generation) if the client goes away."""
-    task = asyncio.ensure_future(work)
+    """Await `work`, cancelling it (and so the generation) if the client goes away.
+
+    `work` runs in the request's own task; a timer looks for a disconnect every
+    DISCONNECT_POLL_S and, when it finds one, cancels this task. Most answers take less
+    than one period, so they cost one timer and no second task (a task per request, and
+    asyncio.wait's waiter and timer around it, were measurable per request)."""
+    watch = _DisconnectWatch(request, asyncio.current_task())  # type: ignore[arg-type]
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                return Response(status_code=499)  # never seen by the client; for logs
+        return await work
+    except asyncio.CancelledError:
+        if watch.left and watch.task.uncancel() == 0:  # our cancellation, nobody else's
+            return Response(status_code=499)  # never seen by the client; for logs
+        raise
     finally:
-        if not task.done():
-            task.cancel()
+        watch.stop()
+
+
+class _DisconnectWatch:
+    """Polls `request.is_disconnected()` every DISCONNECT_POLL_S, off `task`, and cancels
+    `task` (setting `left`) when the client has gone."""
+
+    def __init__(self, request: Request, task: asyncio.Task[Any]) -> None:
+        self.request = request
+        self.task = task
+        self.left = False
+        self._loop = asyncio.get_running_loop()
+        self._checking: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(DISCONNECT_POLL_S, self._poll)
+
+    def _poll(self) -> None:
+        self._timer = None
+        self._checking = self._loop.create_task(self._check())
+
+    async def _check(self) -> None:
+        if await self.request.is_disconnected():
+            self.left = True
+            self.task.cancel()
+        elif not self.task.done():
+            self._timer = self._loop.call_later(DISCONNECT_POLL_S, self._poll)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._checking is not None and not self._checking.done():
+            self._checking.cancel()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -122,6 +122,8 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
+MAX_CACHED_LABEL_SETS = 4096  # per metric; label values include clients' model names: bounded
+
 
 class GatewayMetrics:
     """The gateway's own request metrics, observed once per request from its outcome."""
@@ -160,23 +162,36 @@ class GatewayMetrics:
             "turnout_admission_wait_seconds", "Time admitted requests waited for a slot.",
             ["model"], buckets=TTFT_BUCKETS, registry=registry,
         )  # fmt: skip
+        self._children: dict[Any, dict[tuple[str, ...], Any]] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once per label set: `labels()` validates,
+        joins and hashes the values under a lock on every call, several times a request."""
+        cache = self._children.setdefault(metric, {})
+        child = cache.get(values)
+        if child is None:
+            if len(cache) >= MAX_CACHED_LABEL_SETS:
+                cache.clear()
+            child = cache[values] = metric.labels(*values)
+        return child
 
     def observe_admission_wait(self, model: str, seconds: float) -> None:
-        self.admission_wait.labels(model).observe(seconds)
+        self._child(self.admission_wait, model).observe(seconds)
 
     def observe(self, outcome: RequestOutcome) -> None:
         """Count a finished request (latencies only for requests that produced tokens)."""
         backend, variant = outcome.backend or "none", outcome.variant or ""
-        self.requests.labels(outcome.route, outcome.model, backend, variant, str(outcome.status)).inc()
+        route, model = outcome.route, outcome.model
+        self._child(self.requests, route, model, backend, variant, str(outcome.status)).inc()
         if outcome.e2e_s is not None:
-            self.e2e.labels(outcome.route, outcome.model, backend, variant).observe(outcome.e2e_s)
+            self._child(self.e2e, route, model, backend, variant).observe(outcome.e2e_s)
         if outcome.ttft_s is not None:
-            self.ttft.labels(outcome.model, backend, variant).observe(outcome.ttft_s)
+            self._child(self.ttft, model, backend, variant).observe(outcome.ttft_s)
         if outcome.tpot_s is not None:
-            self.tpot.labels(outcome.model, backend, variant).observe(outcome.tpot_s)
+            self._child(self.tpot, model, backend, variant).observe(outcome.tpot_s)
         if outcome.prompt_tokens:
-            self.tokens.labels(outcome.model, backend, variant, "in").inc(outcome.prompt_tokens)
+            self._child(self.tokens, model, backend, variant, "in").inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
-            self.tokens.labels(outcome.model, backend, variant, "out").inc(outcome.completion_tokens)
+            self._child(self.tokens, model, backend, variant, "out").inc(outcome.completion_tokens)
         if outcome.backend is None and outcome.status in (403, 429, 503):
             self.rejections.labels(outcome.error_code or str(outcome.status)).inc()

@@ -18,6 +18,10 @@ from gateway.registry import BackendRegistry
 
 router = APIRouter()
 
+# Served past FastAPI's routing layer by gateway.fastpath.DirectRoutes (same handlers, same
+# errors): each takes only the Request and returns a Response.
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
 
 def _registry(request: Request) -> BackendRegistry:
     return request.app.state.runtime.registry
