@@ -20,7 +20,7 @@ from backends.protocol import Backend, BackendError, ChatCompletionRequest, Comp
 from gateway.auth import AuthError, ModelForbidden, admit
 from gateway.dispatch import Dispatcher, Lease, Route, first_item, until_deadline
 from gateway.outcome import RequestOutcome
-from gateway.ratelimit import LimiterUnavailable, RateLimited
+from gateway.ratelimit import NO_TICKET, LimiterUnavailable, NoTicket, RateLimited, Ticket
 from gateway.runtime import GatewayRuntime
 from gateway.sse import stream_response
 from gateway.tracing import Tracing, trace_id_of
@@ -59,6 +59,7 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
     outcome.trace_id = trace_id_of(span)
     handed_to_stream = False
     record_after_send = False
+    ticket: Ticket | NoTicket = NO_TICKET
     try:
         with tracing.span("turnout.rate_limit", span):
             ticket = await admit(request, body)
@@ -103,8 +104,8 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
         )
     except BaseException as exc:
         outcome.status, outcome.error_code = _status_of(exc)
-        if not handed_to_stream and "ticket" in locals():
-            ticket.settle(0)  # nothing was generated: give the reservation back
+        if not handed_to_stream:
+            ticket.settle(0)  # nothing was generated: give the reservation back (once; a settled one stays)
         Tracing.fail(span, str(exc))
         raise
     finally:
