@@ -255,29 +255,24 @@ async def _open_stream(
 
 async def _observed(items: AsyncIterator[Any], strip_usage: bool, outcome: RequestOutcome) -> AsyncIterator[Any]:
     """Pass chunks through, noting the first token and the usage; drop the usage chunk the
-    client did not ask for."""
+    client did not ask for. Chunks are models (in-process backends) or RawChunks (remote)."""
     async for item in items:
-        if type(item) is RawChunk:
-            if item.usage is not None:
-                outcome.prompt_tokens = item.usage.prompt_tokens
-                outcome.completion_tokens = item.usage.completion_tokens
-                if strip_usage and not item.has_choices:
-                    continue
-            if outcome.first_token_at is None and item.has_text:
-                outcome.first_token()
-            yield item
-            continue
+        raw = type(item) is RawChunk
         if item.usage is not None:
             outcome.prompt_tokens = item.usage.prompt_tokens
             outcome.completion_tokens = item.usage.completion_tokens
-            if strip_usage and not item.choices:
+            if strip_usage and not (item.has_choices if raw else item.choices):
                 continue
-        if outcome.first_token_at is None and item.choices and _has_text(item.choices[0]):
+        if outcome.first_token_at is None and (item.has_text if raw else _has_text(item)):
             outcome.first_token()
         yield item
 
 
-def _has_text(choice: Any) -> bool:
+def _has_text(chunk: Any) -> bool:
+    """Whether a chat or completion chunk model carries generated text."""
+    if not chunk.choices:
+        return False
+    choice = chunk.choices[0]
     delta = getattr(choice, "delta", None)
     return bool(delta.content if delta is not None else getattr(choice, "text", None))
 

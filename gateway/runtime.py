@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from backends.protocol import Backend
 from gateway.ab_report import Sample, append_sample, default_log_path
@@ -74,9 +76,9 @@ class GatewayRuntime:
         # A file append, off the event loop.
         asyncio.get_running_loop().run_in_executor(None, append_sample, self.sample_log, sample)
 
-    def spawn(self, work: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""
-        task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

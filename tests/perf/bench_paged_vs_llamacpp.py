@@ -13,8 +13,13 @@ import argparse
 import asyncio
 import json
 import os
-import platform
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.perf.machine import cpu_name  # noqa: E402
 
 TOPICS = [
     "the history of tea", "how rainbows form", "a day on a sailing ship", "why cats purr",
@@ -22,17 +27,6 @@ TOPICS = [
     "bees and pollination", "the moon landing", "how bread rises", "ocean tides",
     "the printing press", "desert animals", "how vaccines work", "the northern lights",
 ]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def measure(backend, concurrency: int, max_tokens: int) -> dict[str, float]:

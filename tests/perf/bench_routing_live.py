@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -47,6 +46,7 @@ import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tests.conftest import Server, start_server  # noqa: E402
+from tests.perf.machine import cpu_name  # noqa: E402
 
 STRATEGIES = ("round_robin", "least_load", "prefix_affinity", "cache_aware")
 SERVED = "smol"  # the nodes' model id
@@ -253,17 +253,6 @@ def run_strategy(strategy: str, params: dict, model: Path, work: Workload, args:
         per_node_requests=[int(a["requests"] - b["requests"]) for a, b in zip(after, before)],
         per_node_hit_rate=[h / q if q else 0.0 for h, q in zip(hits, queries)],
     )
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
