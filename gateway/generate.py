@@ -63,8 +63,6 @@ async def generate(kind: Kind, body: Body, request: Request) -> Response:
     try:
         with tracing.span("turnout.rate_limit", span):
             ticket = await admit(request, body)
-        if body._raw_body is None:
-            body._raw_body = await request.body()  # remote backends forward it as it came
         pool, headers = _assign_variant(runtime, dispatcher, body, request, outcome, principal)
         features = _features(dispatcher, body, principal)
         if body.stream:
