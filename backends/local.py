@@ -1,39 +1,31 @@
 """OpenAI requests in, engine generations out: the part every in-process backend shares.
 
 A subclass supplies tokenization, the chat template and `generate`; this class does the
-context-window check, sampling defaults, and the shape of OpenAI responses and chunks.
+rendering, the context-window check and the sampling defaults (`prepare`), and hands the
+engine's deltas to `backends.responses` for OpenAI's shapes. In the gateway, a LocalBackend
+runs inside an engine worker process (`backends.worker`); tests and `turnout run` use one
+in-process.
 """
 
 from __future__ import annotations
 
 import abc
-import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
+from backends import responses
 from backends.chat_template import render_chat
-from backends.generation import GenerationDelta, GenerationRequest, SamplingParams, TokenLogprob
+from backends.generation import GenerationDelta, GenerationRequest, SamplingParams
 from backends.protocol import (
-    ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChoiceLogprobs,
-    ChunkChoice,
-    ChunkDelta,
     Completion,
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     ContextLengthExceeded,
     InvalidRequest,
     LoadReport,
     ModelCard,
-    ResponseMessage,
-    TokenLogprob as WireTokenLogprob,
-    TopLogprob,
-    Usage,
 )
 
 
@@ -83,126 +75,40 @@ class LocalBackend(abc.ABC):
         return [ModelCard(id=self.model_id, max_model_len=self.context_window)]
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
-        gen, _ = self._chat_generation(request)
-        text, finish, completion_tokens, logprobs = await self._collect(gen)
-        return ChatCompletion(
-            model=request.model,
-            choices=[
-                ChatChoice(
-                    message=ResponseMessage(content=text),
-                    finish_reason=finish,  # type: ignore[arg-type]
-                    logprobs=_chat_logprobs(logprobs) if request.logprobs else None,
-                )
-            ],
-            usage=_usage(len(gen.prompt_tokens), completion_tokens),
-        )
+        gen, _ = self.prepare("chat", request)
+        return await responses.chat_completion(request, len(gen.prompt_tokens), self.generate(gen))
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        gen, _ = self._chat_generation(request)
-        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def chunk(delta: ChunkDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=chunk_id,
-                created=created,
-                model=request.model,
-                choices=[
-                    ChunkChoice(
-                        delta=delta,
-                        finish_reason=finish,  # type: ignore[arg-type]
-                        logprobs=_chat_logprobs(logprobs) if request.logprobs and logprobs else None,
-                    )
-                ],
-            )
-
-        completion_tokens, started = 0, False
-        async with aclosing(self.generate(gen)) as deltas:
-            async for delta in deltas:
-                # The role chunk waits for the first token: admission and prefill errors
-                # then surface before the first byte, as HTTP errors.
-                if not started:
-                    started = True
-                    yield chunk(ChunkDelta(role="assistant", content=""))
-                completion_tokens += len(delta.token_ids)
-                if delta.text or delta.logprobs:
-                    yield chunk(ChunkDelta(content=delta.text), logprobs=delta.logprobs)
-                if delta.finish_reason:
-                    yield chunk(ChunkDelta(), delta.finish_reason)
-        if request.wants_usage_chunk():
-            yield ChatCompletionChunk(
-                id=chunk_id,
-                created=created,
-                model=request.model,
-                choices=[],
-                usage=_usage(len(gen.prompt_tokens), completion_tokens),
-            )
+    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        gen, _ = self.prepare("chat", request)
+        return responses.chat_chunks(request, len(gen.prompt_tokens), self.generate(gen))
 
     async def completion(self, request: CompletionRequest) -> Completion:
-        gen, prompt_text = self._completion_generation(request)
-        text, finish, completion_tokens, logprobs = await self._collect(gen)
-        return Completion(
-            model=request.model,
-            choices=[
-                CompletionChoice(
-                    text=(prompt_text if request.echo else "") + text,
-                    finish_reason=finish,  # type: ignore[arg-type]
-                    logprobs=_completion_logprobs(logprobs) if request.logprobs is not None else None,
-                )
-            ],
-            usage=_usage(len(gen.prompt_tokens), completion_tokens),
-        )
+        gen, text = self.prepare("completions", request)
+        return await responses.completion(request, len(gen.prompt_tokens), text, self.generate(gen))
 
-    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
-        gen, prompt_text = self._completion_generation(request)
-        chunk_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def chunk(text: str, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> Completion:
-            return Completion(
-                id=chunk_id,
-                created=created,
-                model=request.model,
-                choices=[
-                    CompletionChoice(
-                        text=text,
-                        finish_reason=finish,  # type: ignore[arg-type]
-                        logprobs=_completion_logprobs(logprobs) if request.logprobs is not None and logprobs else None,
-                    )
-                ],
-            )
-
-        completion_tokens, started = 0, False
-        async with aclosing(self.generate(gen)) as deltas:
-            async for delta in deltas:
-                if request.echo and not started:
-                    yield chunk(prompt_text)
-                started = True
-                completion_tokens += len(delta.token_ids)
-                if delta.text or delta.finish_reason:
-                    yield chunk(delta.text, delta.finish_reason, delta.logprobs)
-        if request.wants_usage_chunk():
-            yield Completion(
-                id=chunk_id,
-                created=created,
-                model=request.model,
-                choices=[],
-                usage=_usage(len(gen.prompt_tokens), completion_tokens),
-            )
+    def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
+        gen, text = self.prepare("completions", request)
+        return responses.completion_chunks(request, len(gen.prompt_tokens), text, self.generate(gen))
 
     # -- shared steps -------------------------------------------------------------------
 
-    def _chat_generation(self, request: ChatCompletionRequest) -> tuple[GenerationRequest, str]:
-        template, bos, eos = self.chat_template()
-        prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos)
-        logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        json_mode = bool(request.response_format and request.response_format.type == "json_object")
-        return self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, json_mode), prompt
-
-    def _completion_generation(self, request: CompletionRequest) -> tuple[GenerationRequest, str]:
-        prompt = request.single_prompt()
-        if isinstance(prompt, str):
-            tokens, text = self.tokenize(prompt), prompt
+    def prepare(self, kind: str, request: ChatCompletionRequest | CompletionRequest) -> tuple[GenerationRequest, str]:
+        """Render (chat), tokenize and check a request: the engine's request and the prompt
+        text. CPU work proportional to the request: callers keep it off an event loop that
+        serves other requests. Raises InvalidRequest (400) for what the model cannot take."""
+        if kind == "chat":
+            assert isinstance(request, ChatCompletionRequest)
+            template, bos, eos = self.chat_template()
+            prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos)
+            logprobs = (request.top_logprobs or 0) if request.logprobs else None
+            json_mode = bool(request.response_format and request.response_format.type == "json_object")
+            return self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, json_mode), prompt
+        assert isinstance(request, CompletionRequest)
+        single = request.single_prompt()
+        if isinstance(single, str):
+            tokens, text = self.tokenize(single), single
         else:
-            tokens, text = list(prompt), self.detokenize(list(prompt))
+            tokens, text = list(single), self.detokenize(list(single))
         return self._generation(request, tokens, request.output_limit(), request.logprobs, False), text
 
     def _generation(
@@ -252,50 +158,3 @@ class LocalBackend(abc.ABC):
             json_mode=json_mode,
         )
         return GenerationRequest(request_id=uuid.uuid4().hex, prompt_tokens=prompt_tokens, sampling=sampling)
-
-    async def _collect(self, gen: GenerationRequest) -> tuple[str, str | None, int, list[TokenLogprob]]:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        finish: str | None = None
-        count = 0
-        async with aclosing(self.generate(gen)) as deltas:
-            async for delta in deltas:
-                parts.append(delta.text)
-                count += len(delta.token_ids)
-                logprobs.extend(delta.logprobs or [])
-                finish = delta.finish_reason or finish
-        return "".join(parts), finish, count, logprobs
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
-
-
-def _chat_logprobs(items: list[TokenLogprob] | None) -> ChoiceLogprobs:
-    return ChoiceLogprobs(
-        content=[
-            WireTokenLogprob(
-                token=i.text,
-                logprob=i.logprob,
-                bytes=list(i.text.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in i.top],
-            )
-            for i in items or []
-        ]
-    )
-
-
-def _completion_logprobs(items: list[TokenLogprob] | None) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    offset = 0
-    for i in items or []:
-        out.tokens.append(i.text)
-        out.token_logprobs.append(i.logprob)
-        out.top_logprobs.append(dict(i.top))
-        out.text_offset.append(offset)
-        offset += len(i.text)
-    return out

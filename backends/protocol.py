@@ -52,6 +52,36 @@ class ResponseFormat(_Request):
     type: Literal["text", "json_object"] = "text"
 
 
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: float | int | str) -> float:
+    """Ollama's keep_alive as seconds: a number of seconds or a duration ("30s", "5m",
+    "1h", "1h30m"); negative keeps the model loaded for good (returned as -1), 0 unloads it
+    as soon as its requests are done."""
+    if isinstance(value, bool):
+        raise ValueError("keep_alive must be a number of seconds or a duration such as '5m'")
+    if isinstance(value, (int, float)):
+        return -1.0 if value < 0 else float(value)
+    text = value.strip()
+    if text.lstrip("-").replace(".", "", 1).isdigit():
+        return parse_keep_alive(float(text))
+    negative = text.startswith("-")
+    rest, total = text.lstrip("-"), 0.0
+    while rest:
+        number = ""
+        while rest and (rest[0].isdigit() or rest[0] == "."):
+            number, rest = number + rest[0], rest[1:]
+        unit = next((u for u in ("ms", "s", "m", "h") if rest.startswith(u)), None)
+        if not number or unit is None:
+            raise ValueError(f"keep_alive {value!r} is not a duration (use seconds, or e.g. '30s', '5m', '1h')")
+        total += float(number) * _DURATION_UNITS[unit]
+        rest = rest[len(unit) :]
+    if not text.lstrip("-"):
+        raise ValueError("keep_alive must not be empty")
+    return -1.0 if negative else total
+
+
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 StopList = str | Annotated[list[str], Field(max_length=4)]
 
@@ -81,6 +111,15 @@ class _SamplingFields(_Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     ignore_eos: bool | None = None
+    # Ollama's: how long a local model stays loaded after this request (local backends).
+    keep_alive: float | str | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, v: float | str | None) -> float | str | None:
+        if v is not None:
+            parse_keep_alive(v)
+        return v
 
     @field_validator("n")
     @classmethod

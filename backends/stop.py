@@ -17,10 +17,12 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # The stop that completes first wins (then the one that starts first), as a stream
+        # would see it: the answer does not depend on how the text was split into pieces.
+        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
             self._held = ""
-            return buf[: min(hits)], True
+            return buf[: min(hits)[1]], True
         keep = self._partial_suffix(buf)
         self._held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], False

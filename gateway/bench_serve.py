@@ -83,8 +83,10 @@ def load_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def request_body(prompt: Prompt, *, model: str, endpoint: str, stream: bool, max_tokens: int) -> bytes:
+def request_body(prompt: Prompt, *, model: str, endpoint: str, stream: bool, max_tokens: int, ignore_eos: bool = False) -> bytes:
     body: dict[str, Any] = {"model": model, "max_tokens": prompt.max_tokens or max_tokens, "temperature": 0}
+    if ignore_eos:  # vLLM's extension: every answer is exactly max_tokens long (random weights)
+        body["ignore_eos"] = True
     if endpoint == "chat":
         body["messages"] = prompt.messages
     else:
@@ -379,6 +381,7 @@ class BenchConfig:
     duration_s: float = 60.0
     warmup: int = 10
     max_tokens: int = 16
+    ignore_eos: bool = False
     prompt_tokens: int = 32
     prompts_file: str | None = None
     timeout_s: float = 60.0
@@ -403,7 +406,8 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         min(config.requests, 1000), config.prompt_tokens, config.seed
     )
     bodies = [
-        request_body(p, model=config.model, endpoint=config.endpoint, stream=config.stream, max_tokens=config.max_tokens)
+        request_body(p, model=config.model, endpoint=config.endpoint, stream=config.stream, max_tokens=config.max_tokens,
+                     ignore_eos=config.ignore_eos)
         for p in prompts
     ]
     url = endpoint_url(config.url, config.endpoint)
@@ -510,6 +514,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--duration", type=float, default=60.0, help="seconds per level at most (at most 3600)")
     p.add_argument("--warmup", type=int, default=10, help="requests sent before the first level, not counted")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: answers run to max_tokens")
     p.add_argument("--prompt-tokens", type=int, default=32, help="synthetic prompts of about this many tokens")
     p.add_argument("--prompts", help="a JSONL prompt set instead (messages or prompt, max_tokens optional)")
     p.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
@@ -532,6 +537,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         url=args.url, model=args.model, endpoint=args.endpoint, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
         stream=args.stream, concurrency=args.concurrency, rates=args.rate or [], requests=args.requests,
         duration_s=args.duration, warmup=args.warmup, max_tokens=args.max_tokens, prompt_tokens=args.prompt_tokens,
+        ignore_eos=args.ignore_eos,
         prompts_file=args.prompts, timeout_s=args.timeout, seed=args.seed, p99_budget_ms=args.p99_budget_ms,
         progress=not args.no_progress,
     )  # fmt: skip

@@ -190,6 +190,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    """Print `/admin/ps` as a table, as `ollama ps` does."""
+    import time
+
+    import httpx
+
+    key = os.environ.get(args.admin_key_env)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(args.url.rstrip("/") + "/admin/ps", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"turnout: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"turnout: {response.status_code}: {response.json().get('error', {}).get('message', response.text)}", file=sys.stderr)
+        return 1
+    print(f"{'NAME':<20} {'MODEL':<24} {'STATE':<11} {'PID':>7} {'MEMORY':>9} {'UNTIL':<20} {'RESTARTS':>8}")
+    for row in response.json()["models"]:
+        expires = row["expires_at"]
+        until = "forever" if row["state"] == "ready" and expires is None else (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires)) if expires else "-"
+        )
+        memory = f"{row['memory_bytes'] / (1 << 20):.0f} MiB" if row["memory_bytes"] else "-"
+        print(f"{row['name']:<20} {row['model']:<24} {row['state']:<11} {row['pid'] or '-':>7} {memory:>9} {until:<20} {row['restarts']:>8}")
+    return 0
+
+
 # -- turnout keys ---------------------------------------------------------------------------
 
 
@@ -257,11 +284,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate policy files offline (for ops' own CI): exit 0 when all are valid."""
     from gateway.app import load_config
+    from gateway.registry import build_backend
 
     failed = 0
     for path in args.configs:
         try:
             config = load_config(path)
+            for backend in config.backends:  # each backend's own options (built, not started)
+                try:
+                    build_backend(backend)
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from exc
         except (ConfigError, OSError) as exc:
             print(f"{exc}", file=sys.stderr)
             failed += 1
@@ -310,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model store")
     models.set_defaults(func=cmd_models)
+
+    ps = sub.add_parser("ps", help="list a running gateway's local models: loaded or not, process, memory, expiry")
+    ps.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway (default http://127.0.0.1:8080)")
+    ps.add_argument("--admin-key-env", default="TURNOUT_ADMIN_KEY", help="env var holding the admin key, if the gateway has one")
+    ps.set_defaults(func=cmd_ps)
 
     check = sub.add_parser("check", help="validate policy files without serving them")
     check.add_argument("configs", nargs="+", metavar="CONFIG")

@@ -222,12 +222,18 @@ class Dispatcher:
     ) -> tuple[Lease, T]:
         tried: set[str] = set()
         attempts = 0
+        failure: BaseException | None = None  # the last attempt's error, once there was one
         while True:
             replicas = self.replicas(members, tried)
             if tried and not any(r.eligible() for r in replicas):
                 replicas = self.replicas(members)  # every backend tried once: allow a second go
             with _span(tracing, "turnout.route", span, **{"turnout.strategy": route.config.strategy}) as decision:
-                name = route.strategy.choose(features, replicas)
+                try:
+                    name = route.strategy.choose(features, replicas)
+                except NoReplicaAvailable:
+                    if failure is not None:
+                        raise failure from None  # what went wrong tells the client more
+                    raise
                 if decision is not None:
                     decision.set_attribute("turnout.backend", name)
             breaker = self.board.breaker(name)
@@ -243,6 +249,7 @@ class Dispatcher:
                     breaker.record_failure(self.clock())
                 if not route.retry.should_retry(outcome, attempts_made=attempts, first_byte_sent=False):
                     raise
+                failure = exc
                 tried.add(name)
                 log.info("backend %r failed (%s: %s); retrying", name, outcome.value, exc)
                 await asyncio.sleep(route.retry.backoff.delay(attempts, self.rng))

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
-from backends.protocol import Backend, ModelCard
-from policies.schema import BackendConfig, Config, ConfigError
+from backends.protocol import Backend, BackendError, ModelCard
+from backends.worker.backend import WorkerBackend
+from backends.worker.messages import WorkerSpec
+from gateway.residency import ModelResidency
+from policies.schema import LOCAL_KINDS, BackendConfig, Config, ConfigError
 
 log = logging.getLogger("turnout.registry")
 
 
-def build_backend(cfg: BackendConfig) -> Backend:
+def build_backend(cfg: BackendConfig, residency: ModelResidency | None = None) -> Backend:
     """Construct (but do not start) the backend a config entry describes. Bad options
-    raise ConfigError naming the backend."""
+    raise ConfigError naming the backend. Local kinds become WorkerBackends: their model
+    runs in an engine worker process, never in the serving process."""
     try:
-        if cfg.kind == "llamacpp":
-            from backends.llamacpp.runner import LlamaCppBackend
-
-            return LlamaCppBackend(name=cfg.name, model=cfg.model, model_id=cfg.model_id(), **cfg.options)
-        if cfg.kind == "paged":
-            from backends.paged.backend import PagedBackend  # torch: imported only when used
-
-            return PagedBackend(name=cfg.name, model=cfg.model, model_id=cfg.model_id(), **cfg.options)
+        if cfg.kind in LOCAL_KINDS:
+            return _worker_backend(cfg, residency)
         if cfg.kind == "remote":
             from backends.remote.openai_http import RemoteBackend
 
@@ -41,18 +40,54 @@ def build_backend(cfg: BackendConfig) -> Backend:
     raise ConfigError(f"backend {cfg.name!r}: kind {cfg.kind!r} is not supported")
 
 
+def _worker_backend(cfg: BackendConfig, residency: ModelResidency | None) -> WorkerBackend:
+    """Options are checked here, in the serving process, with the option classes alone (no
+    llama_cpp or torch import): a bad policy fails at `turnout check` and at reload."""
+    if cfg.kind == "llamacpp":
+        from backends.llamacpp.options import LlamaCppOptions
+
+        lopts = LlamaCppOptions.from_dict(cfg.options)
+        window, max_running, block_size = lopts.n_ctx, lopts.instances, 0
+    else:
+        from backends.paged.options import EngineOptions
+
+        popts = EngineOptions.from_dict(cfg.options)
+        window, max_running, block_size = popts.max_model_len, popts.max_num_seqs, popts.block_size
+    return WorkerBackend(
+        WorkerSpec(kind=cfg.kind, name=cfg.name, model=cfg.model, model_id=cfg.model_id(), options=dict(cfg.options)),
+        keep_alive_s=cfg.keep_alive_s(),
+        preload=cfg.preload,
+        context_window=window,
+        max_running=max_running,
+        block_size=block_size,
+        model_path=_model_file(cfg.model),
+        before_load=residency.before_load if residency is not None else None,
+    )
+
+
+def _model_file(model: str) -> Path | None:
+    """The model's file in the store, for memory estimates before it first loads."""
+    from backends.models import resolve_model
+
+    try:
+        return resolve_model(model)
+    except BackendError:
+        return None
+
+
 class BackendRegistry:
     """Owns the backends: builds, starts and closes them; on a reload, keeps the ones whose
     config did not change and starts only what is new."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.residency = ModelResidency(config.server.model_memory_budget_gib, lambda: self.backends.values())
         self.configs: dict[str, BackendConfig] = {b.name: b for b in config.backends}
-        self.backends: dict[str, Backend] = {b.name: build_backend(b) for b in config.backends}
+        self.backends: dict[str, Backend] = {b.name: build_backend(b, self.residency) for b in config.backends}
         self.started = False
 
     async def start(self) -> None:
-        """Start every backend (model loads run concurrently)."""
+        """Start every backend (remote pools open; local models with `preload` load)."""
         await asyncio.gather(*(b.start() for b in self.backends.values()))
         self.started = True
 
@@ -64,7 +99,7 @@ class BackendRegistry:
         anything switches (a failure leaves the registry as it was); returns the backends no
         longer used, for the caller to close once their requests are done."""
         fresh = {b.name: b for b in config.backends if self.configs.get(b.name) != b}
-        built = {name: build_backend(cfg) for name, cfg in fresh.items()}
+        built = {name: build_backend(cfg, self.residency) for name, cfg in fresh.items()}
         try:
             await asyncio.gather(*(b.start() for b in built.values()))
         except BaseException:
@@ -75,12 +110,31 @@ class BackendRegistry:
         self.backends = {**{n: b for n, b in self.backends.items() if n in wanted}, **built}
         self.configs = {b.name: b for b in config.backends}
         self.config = config
+        self.residency.set_budget(config.server.model_memory_budget_gib)
         return retired
 
     def model_cards(self) -> list[ModelCard]:
-        """One card per model id clients can ask for."""
+        """One card per model id clients can ask for, loaded or not."""
         cards = []
         for model_id, pool in self.config.aliases().items():
             card = self.backends[pool[0]].models()[0].model_copy(update={"id": model_id})
             cards.append(card)
         return cards
+
+    def residents(self) -> list[dict[str, object]]:
+        """What `turnout ps` shows: each local backend, loaded or not."""
+        return [
+            {
+                "name": b.name,
+                "model": b.model_id,
+                "state": b.state,
+                "pid": b.pid,
+                "memory_bytes": b.memory_bytes() if b.loaded else 0,
+                "expires_at": b.expires_at,
+                "in_flight": b.in_flight,
+                "restarts": b.restarts,
+                "last_exit": b.last_exit,
+                "load_error": b.load_error,
+            }
+            for b in self.residency.workers()
+        ]

@@ -84,17 +84,37 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
 
+def _admin_refusal(request: Request, *, read_only: bool = False) -> JSONResponse | None:
+    """None when the caller holds the admin key; else the 401/403 to answer. With no admin
+    key configured, read-only admin pages still answer callers on loopback (a dev laptop)."""
+    key = request.app.state.runtime.admin_key()
+    if key is None:
+        client = request.client.host if request.client else ""
+        if read_only and client in ("127.0.0.1", "::1"):
+            return None
+        return error_response(403, "The admin API is off: set server.admin_key_env to the name of an environment variable holding the admin key.")
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        return error_response(401, "Invalid admin key.", code="invalid_api_key")
+    return None
+
+
 @router.post("/admin/reload")
 async def admin_reload(request: Request) -> JSONResponse:
     """Re-read the policy file now (also on SIGHUP and when the file changes)."""
-    runtime = request.app.state.runtime
-    key = runtime.admin_key()
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if key is None:
-        return error_response(403, "The admin API is off: set server.admin_key_env to the name of an environment variable holding the admin key.")
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        return error_response(401, "Invalid admin key.", code="invalid_api_key")
-    applied, message = await runtime.reload("admin API")
+    refusal = _admin_refusal(request)
+    if refusal is not None:
+        return refusal
+    applied, message = await request.app.state.runtime.reload("admin API")
     if not applied:
         return error_response(400, f"The policy was rejected; the previous one keeps serving: {message}", code="invalid_policy")
     return JSONResponse({"status": "reloaded"})
+
+
+@router.get("/admin/ps")
+async def admin_ps(request: Request) -> JSONResponse:
+    """The local models: loaded or not, their worker process, memory and expiry (`turnout ps`)."""
+    refusal = _admin_refusal(request, read_only=True)
+    if refusal is not None:
+        return refusal
+    return JSONResponse({"models": _registry(request).residents()})

@@ -10,8 +10,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from backends.protocol import parse_keep_alive
 from policies.experiments import ExperimentConfig, validate_experiments
 from policies.routing import make_strategy
+
+
+LOCAL_KINDS = ("llamacpp", "paged")  # run in engine worker processes of their own
+DEFAULT_KEEP_ALIVE_S = 300.0
 
 
 class _Section(BaseModel):
@@ -28,6 +33,9 @@ class ServerConfig(_Section):
     log_prompts: bool = False  # include prompts in access-log lines
     sample_log: str | None = None  # experiment samples (JSONL); default $TURNOUT_HOME/experiments/samples.jsonl
     watch_config: bool = True  # reload the policy file when it changes on disk
+    # Memory the local models' worker processes may use together; loading one more unloads
+    # the least recently used idle ones first. None: no budget.
+    model_memory_budget_gib: float | None = Field(default=None, gt=0)
 
 
 class BackendConfig(_Section):
@@ -43,13 +51,25 @@ class BackendConfig(_Section):
     # remote: its Prometheus page, scraped every 500 ms for load (default: beside `url`;
     # "none" to turn scraping off)
     metrics_url: str | None = None
+    # Local kinds (llamacpp, paged): load at start rather than on the first request, and how
+    # long an idle model stays loaded (seconds or "5m"; -1: for good; 0: unload when idle).
+    preload: bool = False
+    keep_alive: float | str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _remote_has_url(self) -> BackendConfig:
         if self.kind == "remote" and not self.url:
             raise ValueError("a remote backend needs `url` (the upstream's OpenAI base URL)")
+        if self.kind not in LOCAL_KINDS and (self.preload or self.keep_alive is not None):
+            raise ValueError(f"preload and keep_alive apply to local backends ({', '.join(LOCAL_KINDS)}), not {self.kind}")
+        if self.keep_alive is not None:
+            parse_keep_alive(self.keep_alive)
         return self
+
+    def keep_alive_s(self) -> float:
+        """Seconds an idle local model stays loaded (-1: for good); Ollama's default 5 minutes."""
+        return DEFAULT_KEEP_ALIVE_S if self.keep_alive is None else parse_keep_alive(self.keep_alive)
 
     def scrape_url(self) -> str | None:
         """Where a remote backend's load metrics are, or None (not scraped)."""

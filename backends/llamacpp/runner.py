@@ -22,6 +22,8 @@ import llama_cpp
 import numpy as np
 
 from backends.generation import GenerationDelta, GenerationRequest, SamplingParams
+from backends.llamacpp.cpu_variants import load_cpu_backend
+from backends.llamacpp.options import LlamaCppOptions
 from backends.local import LocalBackend
 from backends.models import resolve_model
 from backends.protocol import InvalidRequest, LoadReport, Overloaded
@@ -35,31 +37,18 @@ Emit = Callable[[GenerationDelta | BaseException], None]
 class LlamaCppBackend(LocalBackend):
     """GGUF models on llama.cpp (CPU here; Metal or CUDA where llama-cpp-python was built so)."""
 
-    def __init__(
-        self,
-        name: str,
-        model: str,
-        model_id: str | None = None,
-        *,
-        instances: int = 1,
-        max_queue: int = 16,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        n_batch: int = 512,
-        n_gpu_layers: int = 0,
-    ) -> None:
-        if instances < 1 or max_queue < 0:
-            raise ValueError("instances must be >= 1 and max_queue >= 0")
+    def __init__(self, name: str, model: str, model_id: str | None = None, **options: Any) -> None:
+        opts = LlamaCppOptions.from_dict(options)  # unknown options fail at config load
         self.name = name
         self.model = model
         self.model_id = model_id or model
-        self.instances = instances
-        self.max_queue = max_queue
+        self.instances = opts.instances
+        self.max_queue = opts.max_queue
         self._llama_args: dict[str, Any] = {
-            "n_ctx": n_ctx,
-            "n_threads": n_threads or os.cpu_count() or 1,
-            "n_batch": n_batch,
-            "n_gpu_layers": n_gpu_layers,
+            "n_ctx": opts.n_ctx,
+            "n_threads": opts.n_threads or os.cpu_count() or 1,
+            "n_batch": opts.n_batch,
+            "n_gpu_layers": opts.n_gpu_layers,
             "verbose": False,
         }
         self._pool: list[llama_cpp.Llama] = []
@@ -72,10 +61,14 @@ class LlamaCppBackend(LocalBackend):
         self._bos_text = ""
         self._eos_text = ""
         self._json_grammar: llama_cpp.LlamaGrammar | None = None
+        self.cpu_variant = ""  # the ggml CPU variant in use, once started
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        # The CPU variant of ggml for this host, chosen before the first Llama (AMX only
+        # where the kernel grants its tile state).
+        self.cpu_variant = load_cpu_backend()
         path = resolve_model(self.model)
         self._pool = [await asyncio.to_thread(self._load, path) for _ in range(self.instances)]
         self._free = asyncio.Queue()
@@ -200,6 +193,10 @@ class LlamaCppBackend(LocalBackend):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop_ids = set(sp.stop_token_ids)
         vocab = llm._model.vocab  # noqa: SLF001 - llama-cpp-python exposes no public EOG check
+        # Evaluate the whole prompt every time: reusing the previous request's KV prefix takes
+        # another kernel path (one-token vs batched matmuls), and greedy answers then depended
+        # on what the instance ran before. The same request gets the same answer.
+        llm.reset()
         tokens = llm.generate(
             request.prompt_tokens,
             top_k=max(sp.top_k, 0),

@@ -16,9 +16,11 @@ Modules, one job each:
   memory_profile  the GPU KV pool sized from a profiling pass (gpu_memory_utilization)
   hf_compat     the same weights in a transformers model (GPU checks, the benchmark's peer)
   sampler       OpenAI sampling parameters, per-request seeded generators, logprobs; batched GPU fast path
+  options       the backend's `options:` (torch-free: the gateway validates them)
   engine        the synchronous core: add_request / step / abort
   async_engine  one engine thread, per-request async streams
-  backend       PagedBackend: the gateway's Backend protocol over all of the above
+  backend       PagedBackend: the Backend protocol over all of the above (served by an engine
+                worker process: backends.worker)
 
 Nothing here imports a web framework.
 """

@@ -1,8 +1,11 @@
-"""One engine thread, per-request async streams.
+"""One engine thread, per-request outputs delivered to sinks.
 
 The engine is driven by a plain loop on its own thread (torch releases the GIL in kernels,
-so the event loop stays responsive). Requests and aborts reach it through a command queue;
-deltas come back to each request's asyncio.Queue via call_soon_threadsafe. Closing a
+so the event loop stays responsive). Requests and aborts reach it through a command queue.
+After each step the outputs go to each request's `OutputSink`, one call per sink per step:
+for `generate()`, a sink that hands them to the request's asyncio.Queue through one
+call_soon_threadsafe; in an engine worker process, a sink that writes them straight to the
+gateway's pipe from this thread, with no event loop in the way. Closing a `generate()`
 stream early (client disconnect) aborts the request, and the close waits until the engine
 thread has freed its blocks.
 """
@@ -15,7 +18,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from backends.generation import GenerationDelta, GenerationRequest
 from backends.paged.engine import LLMEngine
@@ -29,16 +32,31 @@ class EngineDeadError(BackendError):
     code = "engine_dead"
 
 
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Any]
+class OutputSink(Protocol):
+    """Where a request's outputs go. Called on the engine thread, once per step, with every
+    (token, delta or exception) of that step for this sink's requests; `token` is what the
+    request was submitted with."""
 
-    def put(self, item: Any) -> None:
+    def deliver(self, items: list[tuple[Any, GenerationDelta | BaseException]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class _LoopSink:
+    """Outputs to asyncio queues (the tokens) on one event loop: one wake-up per step, not one
+    per sequence (at batch 256 the self-pipe writes were a large share of the host time)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def deliver(self, items: list[tuple[Any, GenerationDelta | BaseException]]) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(_deliver, items)
         except RuntimeError:  # the consumer's loop is gone; nothing to deliver to
             pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
@@ -61,7 +79,7 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._streams: dict[str, tuple[OutputSink, Any]] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._stop = False
         # Requests queued but not yet seen by the engine thread = sent - seen; each counter
@@ -109,13 +127,16 @@ class AsyncEngine:
                     log.exception("paged engine step failed")
                     self._fail_all(exc)
                     continue
+                deliveries: dict[OutputSink, list[tuple[Any, GenerationDelta | BaseException]]] = {}
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
                     if stream is None:
                         continue
                     if out.delta.finish_reason:
                         del self._streams[out.request_id]
-                    stream.put(out.delta)
+                    deliveries.setdefault(stream[0], []).append((stream[1], out.delta))
+                for sink, items in deliveries.items():
+                    sink.deliver(items)
         except BaseException as exc:  # pragma: no cover - the loop itself broke
             self.error = exc
             log.exception("paged engine loop died")
@@ -132,40 +153,54 @@ class AsyncEngine:
             if kind == "add":
                 self._adds_seen += 1
                 request: GenerationRequest = arg
+                sink, token = extra
                 try:
                     self.engine.add_request(request)
                     self._streams[request.request_id] = extra
                 except Exception as exc:
-                    extra.put(exc)
+                    sink.deliver([(token, exc)])
             elif kind == "abort":
                 self._streams.pop(arg, None)
                 self.engine.abort(arg)
-                loop, fut = extra
-                _resolve(loop, fut)
+                if extra is not None:
+                    loop, fut = extra
+                    _resolve(loop, fut)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for rid, stream in list(self._streams.items()):
+        deliveries: dict[OutputSink, list[tuple[Any, GenerationDelta | BaseException]]] = {}
+        for rid, (sink, token) in list(self._streams.items()):
             self.engine.abort(rid)
-            stream.put(exc)
+            deliveries.setdefault(sink, []).append((token, exc))
         self._streams.clear()
+        for sink, items in deliveries.items():
+            sink.deliver(items)
 
     # -- the async side ------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: OutputSink, token: Any) -> None:
+        """Queue a request whose outputs go to `sink` (as `(token, item)` pairs). Raises
+        what the engine cannot take (InvalidRequest) at once, before anything is queued."""
+        if not self.healthy:
+            raise EngineDeadError("the paged engine is not running")
+        self.engine.validate(request)  # fail fast, before the first byte
+        self._adds_sent += 1
+        self._commands.put(("add", request, (sink, token)))
+        self._wake.set()
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort a submitted request; its blocks are freed at the engine thread's next turn."""
+        self._commands.put(("abort", request_id, None))
+        self._wake.set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream a request's deltas. Closing this iterator early aborts the request and
         returns once its KV blocks are free."""
-        if not self.healthy:
-            raise EngineDeadError("the paged engine is not running")
-        self.engine.validate(request)  # fail fast, before the first byte
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
-        self._adds_sent += 1
-        self._commands.put(("add", request, stream))
-        self._wake.set()
+        queue_: asyncio.Queue[Any] = asyncio.Queue()
+        self.submit(request, _LoopSink(asyncio.get_running_loop()), queue_)
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await queue_.get()
                 if isinstance(item, BaseException):
                     finished = True  # the engine already dropped it
                     raise item

@@ -13,7 +13,7 @@ from typing import Any
 
 from backends.generation import GenerationDelta, GenerationRequest
 from backends.local import LocalBackend
-from backends.paged.async_engine import AsyncEngine, EngineDeadError
+from backends.paged.async_engine import AsyncEngine, EngineDeadError, OutputSink
 from backends.paged.config import ModelConfig
 from backends.paged.engine import EngineOptions, LLMEngine
 from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
@@ -87,9 +87,19 @@ class PagedBackend(LocalBackend):
             self._async = None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        return self._engine().generate(request)
+
+    def submit(self, request: GenerationRequest, sink: OutputSink, token: Any) -> None:
+        """Outputs straight to `sink`, on the engine thread (an engine worker's pipe)."""
+        self._engine().submit(request, sink, token)
+
+    def abort_request(self, request_id: str) -> None:
+        self._engine().abort_nowait(request_id)
+
+    def _engine(self) -> AsyncEngine:
         if self._async is None:
             raise EngineDeadError(f"backend {self.name!r} is not started")
-        return self._async.generate(request)
+        return self._async
 
     # -- load and metrics ----------------------------------------------------------------------
 

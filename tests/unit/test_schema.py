@@ -89,6 +89,26 @@ def test_check_command_exit_codes(tmp_path) -> None:  # type: ignore[no-untyped-
     assert main(["check", str(DEFAULT_CONFIG), str(bad)]) == 1
 
 
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        ("{name: a, kind: llamacpp, model: m, options: {n_ctxx: 512}}", "unknown llamacpp backend option(s): n_ctxx"),
+        ("{name: a, kind: paged, model: 'dummy:tiny', options: {block_sise: 8}}", "unknown paged backend option(s): block_sise"),
+        ("{name: a, kind: paged, model: 'dummy:tiny', options: {dtype: fp7}}", "unknown dtype 'fp7'"),
+    ],
+)  # fmt: skip
+def test_check_rejects_what_a_local_backend_cannot_take(tmp_path, capsys, backend: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    """Engine options are checked in the gateway (no model code), so `turnout check` and a
+    reload catch them, not the engine worker at its first request."""
+    from gateway.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"backends:\n  - {backend}\n")
+    assert main(["check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and message in err
+
+
 def test_fallback_cycles_and_unknown_strategies_are_rejected() -> None:
     base = "backends:\n  - {name: a, kind: llamacpp, model: m}\n"
     cycle = base + "routes:\n  - {model: x, backends: [a], fallbacks: [y]}\n  - {model: y, backends: [a], fallbacks: [x]}\n"

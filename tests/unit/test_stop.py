@@ -41,11 +41,11 @@ alphabet = st.text(alphabet="ab#", max_size=6)
 
 @given(stops=st.lists(st.text(alphabet="ab#", min_size=1, max_size=3), max_size=3), pieces=st.lists(alphabet, max_size=8))
 def test_matches_the_reference(stops: list[str], pieces: list[str]) -> None:
-    """Emitted text is the full text cut at the earliest stop, and no emitted prefix ever
-    ends inside what turns out to be a stop."""
+    """Emitted text is the full text cut at the first stop to complete, however the text
+    was split, and no emitted prefix ever ends inside what turns out to be a stop."""
     full = "".join(pieces)
-    hits = [i for i in (full.find(s) for s in stops) if i >= 0]
-    expected = full[: min(hits)] if hits else full
+    hits = [(i + len(s), i) for s in stops if (i := full.find(s)) >= 0]  # (end, start)
+    expected = full[: min(hits)[1]] if hits else full  # cut where the first stop to complete starts
     out, hit = run(stops, pieces)
     assert "".join(out) == expected and hit == bool(hits)
     emitted = ""

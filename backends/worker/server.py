@@ -1,0 +1,280 @@
+"""The worker's side of the pipe: build one LocalBackend, then serve requests from the
+gateway until told to stop or orphaned.
+
+Run as `python -m backends.worker SPEC_JSON IN_ADDR OUT_ADDR` by `backends.worker.process`.
+Each request is a task: render and tokenize in a thread (CPU work proportional to the
+request must not stall the other streams), then run it. A paged engine (`DirectEngine`)
+then sends each step's deltas to the pipe from its own thread, one message a step; other
+engines' deltas are forwarded by the task, and everything queued in one turn of the loop
+goes out as one message."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from contextlib import aclosing
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from backends.generation import GenerationDelta, GenerationRequest
+from backends.local import LocalBackend
+from backends.protocol import BackendError, ChatCompletionRequest, CompletionRequest, Overloaded
+from backends.worker import messages as m
+
+log = logging.getLogger("turnout.worker")
+
+LOAD_INTERVAL_BUSY_S = 0.1  # load reports while requests run: fresh enough for routing
+LOAD_INTERVAL_IDLE_S = 0.5  # and the heartbeat when idle
+_PR_SET_PDEATHSIG = 1
+
+
+def build_backend(spec: m.WorkerSpec) -> LocalBackend:
+    """The in-process backend a spec describes (model code is imported only here)."""
+    if spec.kind == "llamacpp":
+        from backends.llamacpp.runner import LlamaCppBackend
+
+        return LlamaCppBackend(name=spec.name, model=spec.model, model_id=spec.model_id, **spec.options)
+    if spec.kind == "paged":
+        from backends.paged.backend import PagedBackend
+
+        return PagedBackend(name=spec.name, model=spec.model, model_id=spec.model_id, **spec.options)
+    raise ValueError(f"kind {spec.kind!r} has no engine worker")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        return 0
+
+
+@runtime_checkable
+class DirectEngine(Protocol):
+    """A backend whose engine thread hands each step's outputs to a sink itself (paged): the
+    worker then writes them to the pipe from that thread, with no event loop per token."""
+
+    def submit(self, request: GenerationRequest, sink: Any, token: Any) -> None: ...
+
+    def abort_request(self, request_id: str) -> None: ...
+
+
+class WorkerServer:
+    """Serves one backend over a PULL (requests in) and a PUSH (outputs out) socket."""
+
+    def __init__(self, backend: LocalBackend, inbox: zmq.asyncio.Socket, outbox: zmq.Socket[Any]) -> None:
+        self.backend = backend
+        self.inbox = inbox
+        self.outbox = outbox  # a plain socket: sends never block (no high-water mark)
+        self._send_lock = threading.Lock()  # the loop and a direct engine's thread both send
+        self._pending: list[Any] = []
+        self._flush_scheduled = False
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # requests being prepared or run here
+        self._direct = backend if isinstance(backend, DirectEngine) else None
+        self._in_engine: set[str] = set()  # requests a direct engine is running
+        self._fresh: set[str] = set()  # ... that have not produced a token yet
+        self._loop = asyncio.get_running_loop()
+        self._parent = os.getppid()
+
+    # -- output -------------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        """Queue a message; everything queued in this turn of the loop goes out together."""
+        self._pending.append(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            self._send_now(batch)
+
+    def _send_now(self, batch: list[Any]) -> None:
+        data = m.from_worker_encoder.encode(batch)
+        with self._send_lock:
+            self.outbox.send(data, copy=False)
+
+    def deliver(self, items: list[tuple[Any, GenerationDelta | BaseException]]) -> None:
+        """A direct engine's step outputs, on its thread: one message for the whole step."""
+        batch: list[Any] = []
+        changed = False  # a request took its first blocks or gave them back: report load
+        for rid, item in items:
+            if isinstance(item, BaseException):
+                batch.append(_failed(rid, item, self.backend.name))
+                self._in_engine.discard(rid)
+                changed = True
+                continue
+            batch.append(m.Delta(rid, item))
+            if rid in self._fresh:
+                self._fresh.discard(rid)
+                changed = True
+            if item.finish_reason:
+                self._in_engine.discard(rid)
+                changed = True
+        if changed:
+            batch.append(self.load_message())
+        self._send_now(batch)
+
+    def load_message(self) -> m.Load:
+        report = self.backend.load()
+        stats = getattr(self.backend, "stats", None)
+        return m.Load(
+            kv_usage=report.kv_usage,
+            kv_free_blocks=report.kv_free_blocks,
+            block_size=report.block_size,
+            running=report.running,
+            waiting=report.waiting,
+            max_running=report.max_running,
+            prefix_cache_hit_rate=report.prefix_cache_hit_rate,
+            healthy=report.healthy,
+            rss_bytes=_rss_bytes(),
+            stats=stats() if callable(stats) else {},
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Until Shutdown, or until the gateway that started us is gone."""
+        reporter = asyncio.create_task(self._report_load())
+        try:
+            while True:
+                for message in m.to_worker_decoder.decode(await self.inbox.recv()):
+                    if isinstance(message, m.Submit):
+                        self._tasks[message.request_id] = asyncio.create_task(self._run(message))
+                    elif isinstance(message, m.Abort):
+                        self._abort(message.request_id)
+                    else:
+                        return
+        finally:
+            reporter.cancel()
+            for rid in list(self._tasks) + list(self._in_engine):
+                self._abort(rid)
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            self._flush()
+
+    def _abort(self, rid: str) -> None:
+        task = self._tasks.get(rid)
+        if task is not None:
+            task.cancel()  # closes the generation: the engine frees its blocks
+        elif self._direct is not None and rid in self._in_engine:
+            self._in_engine.discard(rid)
+            self._fresh.discard(rid)
+            self._direct.abort_request(rid)
+
+    async def _report_load(self) -> None:
+        while True:
+            busy = self._tasks or self._in_engine
+            await asyncio.sleep(LOAD_INTERVAL_BUSY_S if busy else LOAD_INTERVAL_IDLE_S)
+            if os.getppid() != self._parent:  # orphaned (no PDEATHSIG off Linux): go
+                os._exit(0)
+            self.send(self.load_message())
+
+    async def _run(self, submit: m.Submit) -> None:
+        rid = submit.request_id
+        direct = False
+        try:
+            model = ChatCompletionRequest if submit.kind == "chat" else CompletionRequest
+            request = model.model_validate_json(submit.body)
+            gen, prompt_text = await asyncio.to_thread(self.backend.prepare, submit.kind, request)
+            echo = submit.kind == "completions" and bool(getattr(request, "echo", False))
+            self.send(m.Started(rid, len(gen.prompt_tokens), prompt_text if echo else ""))
+            if self._direct is not None:
+                self._flush()  # Started leaves before the engine thread can send a token
+                gen.request_id = rid  # aborts name it so
+                self._in_engine.add(rid)
+                self._fresh.add(rid)
+                try:
+                    self._direct.submit(gen, self, rid)
+                except BaseException:
+                    self._in_engine.discard(rid)
+                    self._fresh.discard(rid)
+                    raise
+                direct = True
+                return
+            first = True
+            async with aclosing(self.backend.generate(gen)) as deltas:
+                async for delta in deltas:
+                    self.send(m.Delta(rid, delta))
+                    if first:  # the request now holds blocks: routers should know at once
+                        first = False
+                        self.send(self.load_message())
+        except asyncio.CancelledError:
+            pass  # aborted by the gateway: nobody is listening
+        except Exception as exc:
+            self.send(_failed(rid, exc, self.backend.name))
+        finally:
+            self._tasks.pop(rid, None)
+            if not direct:
+                self.send(self.load_message())  # rides with the last delta: fresh as the answer lands
+
+
+def _failed(rid: str, exc: BaseException, backend: str) -> m.Failed:
+    """A request's error for the pipe: a BackendError keeps its OpenAI fields; anything else
+    is a bug in the engine, logged here, and fails that request alone."""
+    if isinstance(exc, BackendError):
+        retry = exc.retry_after if isinstance(exc, Overloaded) else None
+        return m.Failed(rid, exc.status, exc.type, exc.message, exc.code, exc.param, retry)
+    log.error("%s: request %s failed", backend, rid, exc_info=exc)
+    return m.Failed(rid, 500, "server_error", f"the engine failed: {type(exc).__name__}: {exc}")
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL when the gateway dies, so no worker outlives it."""
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+async def amain(spec: m.WorkerSpec, in_addr: str, out_addr: str) -> int:
+    ctx = zmq.Context()
+    outbox = ctx.socket(zmq.PUSH)  # plain sends from the loop: no future per message
+    outbox.setsockopt(zmq.SNDHWM, 0)
+    outbox.connect(out_addr)
+    inbox = zmq.asyncio.Context.shadow(ctx).socket(zmq.PULL)
+    inbox.connect(in_addr)
+    try:
+        backend = build_backend(spec)
+        await backend.start()
+    except BaseException as exc:  # a load failure is an answer, not a crash loop
+        log.exception("%s: could not load %s", spec.name, spec.model)
+        outbox.send(m.from_worker_encoder.encode([m.LoadFailed(f"{type(exc).__name__}: {exc}")]))
+        _close(inbox, ctx)
+        return 1
+    server = WorkerServer(backend, inbox, outbox)
+    detail = getattr(backend, "cpu_variant", "")
+    server.send(m.Ready(os.getpid(), backend.context_window, detail))
+    server.send(server.load_message())
+    try:
+        await server.serve()
+    finally:
+        await backend.close()
+        _close(inbox, ctx)
+    return 0
+
+
+def _close(inbox: zmq.asyncio.Socket, ctx: zmq.Context[Any]) -> None:
+    """Close the pipe; the last outputs get two seconds to leave. The inbox belongs to the
+    asyncio shadow of `ctx`, which `ctx.destroy()` does not see: left open, it blocks term."""
+    inbox.close(linger=0)
+    ctx.destroy(linger=2000)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m backends.worker`."""
+    spec_json, in_addr, out_addr = argv
+    _die_with_parent()
+    logging.basicConfig(level=os.environ.get("TURNOUT_WORKER_LOG_LEVEL", "WARNING"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    spec = msgspec.json.decode(spec_json.encode(), type=m.WorkerSpec)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    return asyncio.run(amain(spec, in_addr, out_addr))
