@@ -141,14 +141,22 @@ class LlamaCppBackend(LocalBackend):
             assert self._free is not None
             self._free.put_nowait(llm)
 
+        def finish(last: GenerationDelta | BaseException | None) -> None:
+            # The instance goes back before the last delta reaches the consumer: a request
+            # sent once this answer is done must never find the instance still busy.
+            release()
+            if last is not None:
+                out.put_nowait(last)
+
         def work() -> None:
+            last: GenerationDelta | BaseException | None = None
             try:
-                self._generate_sync(llm, request, cancel, emit)
+                last = self._generate_sync(llm, request, cancel, emit)
             except BaseException as exc:  # surfaced to the awaiting request
-                emit(exc)
+                last = exc
             finally:
                 try:
-                    loop.call_soon_threadsafe(release)
+                    loop.call_soon_threadsafe(finish, last)
                 except RuntimeError:
                     pass
 
@@ -185,8 +193,12 @@ class LlamaCppBackend(LocalBackend):
         self._running += 1
         return llm
 
-    def _generate_sync(self, llm: llama_cpp.Llama, request: GenerationRequest, cancel: threading.Event, emit: Emit) -> None:
-        """Generate in the worker thread, emitting one delta per token."""
+    def _generate_sync(
+        self, llm: llama_cpp.Llama, request: GenerationRequest, cancel: threading.Event, emit: Emit
+    ) -> GenerationDelta | None:
+        """Generate in the worker thread, emitting one delta per token; returns the last
+        one (with its finish reason) for the caller to hand over once the instance is free,
+        or None when cancelled."""
         sp = request.sampling
         llm.set_seed(sp.seed if sp.seed is not None else random.getrandbits(31))
         stops = StopMatcher(sp.stop)
@@ -214,7 +226,7 @@ class LlamaCppBackend(LocalBackend):
         try:
             for token in tokens:
                 if cancel.is_set():
-                    return
+                    return None
                 is_end = not sp.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token)
                 if is_end or token in stop_ids:
                     finish = "stop"
@@ -222,15 +234,13 @@ class LlamaCppBackend(LocalBackend):
                 count += 1
                 text, hit = stops.feed(decoder.decode(llm.detokenize([token])))
                 if hit:
-                    emit(GenerationDelta(text, [token], "stop"))
-                    return
+                    return GenerationDelta(text, [token], "stop")
                 if count >= sp.max_tokens:
-                    emit(GenerationDelta(text + decoder.decode(b"", final=True) + stops.flush(), [token], "length"))
-                    return
+                    return GenerationDelta(text + decoder.decode(b"", final=True) + stops.flush(), [token], "length")
                 emit(GenerationDelta(text, [token]))
         finally:
             tokens.close()
-        emit(GenerationDelta(decoder.decode(b"", final=True) + stops.flush(), [], finish))
+        return GenerationDelta(decoder.decode(b"", final=True) + stops.flush(), [], finish)
 
     def _grammar(self) -> llama_cpp.LlamaGrammar:
         if self._json_grammar is None:
