@@ -33,6 +33,7 @@ from backends.protocol import (
     CompletionChoice,
     CompletionRequest,
     ContextLengthExceeded,
+    InvalidRequest,
     LoadReport,
     ModelCard,
     ResponseMessage,
@@ -220,6 +221,8 @@ class LiteLLMBackend:
     # -- internals -----------------------------------------------------------------------------
 
     def _common(self, request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        if request.keep_alive is not None:  # no provider keeps a model loaded on request
+            raise InvalidRequest(f"keep_alive applies to local models; backend {self.name!r} ({self.model}) cannot honour it", param="keep_alive")
         kwargs: dict[str, Any] = {
             "model": self.model,
             "timeout": self.total_timeout_s,

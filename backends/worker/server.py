@@ -186,7 +186,7 @@ class WorkerServer:
             model = ChatCompletionRequest if submit.kind == "chat" else CompletionRequest
             request = model.model_validate_json(submit.body)
             gen, prompt_text = await asyncio.to_thread(self.backend.prepare, submit.kind, request)
-            echo = submit.kind == "completions" and bool(getattr(request, "echo", False))
+            echo = isinstance(request, CompletionRequest) and bool(request.echo)
             self.send(m.Started(rid, len(gen.prompt_tokens), prompt_text if echo else ""))
             if self._direct is not None:
                 self._flush()  # Started leaves before the engine thread can send a token

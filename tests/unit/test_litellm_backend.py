@@ -191,3 +191,12 @@ def test_missing_key_env_fails_at_construction(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("TURNOUT_NO_SUCH_KEY", raising=False)
     with pytest.raises(ValueError, match="TURNOUT_NO_SUCH_KEY"):
         LiteLLMBackend("x", "anthropic/claude-3-haiku-20240307", api_key_env="TURNOUT_NO_SUCH_KEY")
+
+
+async def test_keep_alive_is_refused_not_dropped(backend: LiteLLMBackend, provider: respx.Route) -> None:
+    """A provider cannot keep a model loaded on request: a 400 naming the field, and no call."""
+    from backends.protocol import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as err:
+        await backend.chat(chat(keep_alive="10m"))
+    assert err.value.status == 400 and err.value.param == "keep_alive" and not provider.called
