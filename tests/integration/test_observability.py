@@ -3,6 +3,7 @@ remote node; JSON access lines; the metrics page with several workers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -90,9 +91,16 @@ async def test_span_tree_and_traceparent_into_the_node(traced_node: Server, key:
     assert spans["turnout.route"].attributes["turnout.backend"] == "node"
     if stream:
         assert [e.name for e in spans["turnout.backend node"].events] == ["gen_ai.first_chunk"]
-    # The node continued the same trace: its access log line carries the trace id.
-    lines = [json.loads(line.split(": ", 1)[1]) for line in traced_node.log.read_text().splitlines() if "turnout.access" in line]
-    assert TRACE_ID in {line["trace_id"] for line in lines}
+    # The node continued the same trace: its access log line carries the trace id. The node
+    # writes that line after its last byte went out, so it may land a moment after our answer.
+    trace_ids: set[str | None] = set()
+    for _ in range(100):
+        lines = [json.loads(line.split(": ", 1)[1]) for line in traced_node.log.read_text().splitlines() if "turnout.access" in line]
+        trace_ids = {line["trace_id"] for line in lines}
+        if TRACE_ID in trace_ids:
+            break
+        await asyncio.sleep(0.05)
+    assert TRACE_ID in trace_ids
 
 
 async def test_access_log_lines(traced_node: Server, key: tuple[str, Path], caplog: pytest.LogCaptureFixture) -> None:
