@@ -8,6 +8,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from backends.protocol import ContextLengthExceeded
+
+
+def output_budget(prompt_len: int, max_tokens: int | None, window: int) -> int:
+    """How many tokens a request may generate in a `window`-token context: `max_tokens`, or
+    all the window leaves when it is None. ContextLengthExceeded, in OpenAI's words, when the
+    prompt and the output do not fit. The one context-length check of the local engines."""
+    if max_tokens is None:
+        if prompt_len >= window:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens. "
+                f"However, your messages resulted in {prompt_len} tokens.",
+                param="messages",
+            )
+        return window - prompt_len
+    if prompt_len + max_tokens > window:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
+            f"completion). Please reduce the length of the messages or completion.",
+            param="max_tokens",
+        )
+    return max_tokens
+
 
 @dataclass
 class SamplingParams:

@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator
 
 from backends import responses
 from backends.chat_template import render_chat
-from backends.generation import GenerationDelta, GenerationRequest, SamplingParams
+from backends.generation import GenerationDelta, GenerationRequest, SamplingParams, output_budget
 from backends.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
-    ContextLengthExceeded,
     InvalidRequest,
     LoadReport,
     ModelCard,
@@ -121,25 +120,9 @@ class LocalBackend(abc.ABC):
     ) -> GenerationRequest:
         if logprobs is not None and not self.supports_logprobs:
             raise InvalidRequest(f"backend {self.name!r} does not return logprobs", param="logprobs")
-        window = self.context_window
-        prompt_len = len(prompt_tokens)
         if not prompt_tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        if max_tokens is None:
-            if prompt_len >= window:
-                raise ContextLengthExceeded(
-                    f"This model's maximum context length is {window} tokens. "
-                    f"However, your messages resulted in {prompt_len} tokens.",
-                    param="messages",
-                )
-            max_tokens = window - prompt_len
-        elif prompt_len + max_tokens > window:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {window} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
-                f"completion). Please reduce the length of the messages or completion.",
-                param="max_tokens",
-            )
+        max_tokens = output_budget(len(prompt_tokens), max_tokens, self.context_window)
         bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         sampling = SamplingParams(
             max_tokens=max_tokens,

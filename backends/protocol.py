@@ -1,4 +1,5 @@
-"""The one contract: OpenAI wire types, the Backend protocol, LoadReport and backend errors.
+"""The one contract: OpenAI wire types, the Backend protocol and its optional capabilities,
+LoadReport, and the errors every layer raises (with the one builder of OpenAI's error body).
 
 Everything that produces tokens (in-process runners, the paged engine, remote servers)
 implements `Backend`; the gateway only ever talks to this module's types.
@@ -8,11 +9,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ---------------------------------------------------------------------------
 # Requests
@@ -88,10 +89,6 @@ StopList = str | Annotated[list[str], Field(max_length=4)]
 
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions."""
-
-    # The body as the client sent it, set by the gateway: a remote backend forwards it
-    # without re-serialising fields it does not need to change.
-    _raw_body: bytes | None = PrivateAttr(default=None)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -322,11 +319,18 @@ class ModelList(_Response):
 
 
 # ---------------------------------------------------------------------------
-# Errors a backend may raise; the gateway turns each into an OpenAI error body.
+# Errors. Every failure a client can be told about is an APIError: its status and OpenAI's
+# error fields travel with it, so one handler answers all of them and one function reads
+# the status for logs and metrics.
 # ---------------------------------------------------------------------------
 
 
-class BackendError(Exception):
+def error_body(message: str, type: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}` (the only builder)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
     """An error with an HTTP status and OpenAI's error fields."""
 
     status: int = 500
@@ -342,7 +346,18 @@ class BackendError(Exception):
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, param=self.param, code=self.code)
+
+    def response_headers(self) -> dict[str, str]:
+        """Headers the error response carries (Retry-After on 429s and 503s)."""
+        return {}
+
+
+class BackendError(APIError):
+    """An error a backend raised. `failure` (connect | timeout | server | protocol), where
+    set, says how the backend failed, for the retry and circuit policies."""
+
+    failure: str | None = None
 
 
 class InvalidRequest(BackendError):
@@ -370,6 +385,9 @@ class Overloaded(BackendError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class UpstreamError(BackendError):
@@ -455,3 +473,39 @@ class Backend(Protocol):
     async def completion(self, request: CompletionRequest) -> Completion: ...
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]: ...
+
+
+# ---------------------------------------------------------------------------
+# Optional capabilities. A backend declares one by having its methods; the gateway asks
+# with isinstance (once, when it builds a policy's dispatcher), never by probing attributes.
+# ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Passthrough(Protocol):
+    """A backend that forwards the client's own JSON body (`body`, the bytes as they came),
+    so fields the gateway does not model reach the upstream intact; streams come back as the
+    upstream's bytes (RawChunk). Remote OpenAI-compatible servers."""
+
+    async def chat_raw(self, request: ChatCompletionRequest, body: bytes) -> ChatCompletion: ...
+
+    async def completion_raw(self, request: CompletionRequest, body: bytes) -> Completion: ...
+
+    def chat_stream_raw(self, request: ChatCompletionRequest, body: bytes) -> AsyncIterator[RawChunk]: ...
+
+    def completion_stream_raw(self, request: CompletionRequest, body: bytes) -> AsyncIterator[RawChunk]: ...
+
+
+@runtime_checkable
+class PushesLoad(Protocol):
+    """A backend whose load reports ride on its responses (remote): the gateway sets
+    `on_load_report` and is told of each. Other backends are asked with `load()`."""
+
+    on_load_report: Callable[[LoadReport], None] | None
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """A backend with engine counters of its own, under vLLM's metric names (local engines)."""
+
+    def stats(self) -> dict[str, float]: ...

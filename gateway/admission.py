@@ -2,10 +2,11 @@
 `policies.admission.AdmissionQueue` decisions into awaiting, waking and shedding.
 
     controller = AdmissionController(limit_fn=lambda: tracker.pool_capacity(pool) or 64)
-    async with controller.slot("interactive", deadline_s=10):
-        ...  # call the backend
+    ticket = await controller.acquire("interactive", deadline_s=10)
+    ...  # call the backend; when its answer is done:
+    controller.release(ticket)
 
-`slot` raises `Overloaded` (503 + Retry-After) when the request is refused or its deadline
+`acquire` raises `Overloaded` (503 + Retry-After) when the request is refused or its deadline
 passes while it waits. A waiter whose task is cancelled (the client disconnected and the
 route cancelled the work) leaves the queue at once and is counted as `client_gone`.
 """
@@ -14,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from backends.protocol import Overloaded
 from policies.admission import AdmissionConfig, AdmissionQueue, Priority, ShedReason, Ticket, Verdict
@@ -86,23 +86,10 @@ class AdmissionController:
     def wait_max_s(self) -> float:
         return self.queue.wait_max_s
 
-    def drain_rate(self) -> float:
-        """Slots freed per second at saturation (the Retry-After basis)."""
-        return self.queue.drain.rate(self._limit())
-
     # -- the slot ------------------------------------------------------------------------
 
     def _limit(self) -> int:
         return max(1, int(self.limit_fn()))
-
-    @asynccontextmanager
-    async def slot(self, priority: str | int | Priority = Priority.INTERACTIVE, deadline_s: float | None = None) -> AsyncIterator[Ticket]:
-        """Hold one of the pool's slots for the duration of the block."""
-        ticket = await self.acquire(priority, deadline_s)
-        try:
-            yield ticket
-        finally:
-            self.release(ticket)
 
     async def acquire(self, priority: str | int | Priority = Priority.INTERACTIVE, deadline_s: float | None = None) -> Ticket:
         """Wait for a slot (or raise AdmissionRejected). Pair with `release`."""

@@ -15,32 +15,31 @@ the `limits` defaults when they set any.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backends.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.errors import error_response
+from backends.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from gateway.errors import api_error_response
 from gateway.keys import FileKeyStore, KeyRecord, RedisKeyStore, hash_secret
 from gateway.ratelimit import (
-    NO_TICKET,
+    NO_RESERVATION,
     Bucket,
     KeyRevoked,
-    Limiter,
     LimiterUnavailable,
-    NoTicket,
+    NoReservation,
     RateLimited,
-    StoreError,
-    Ticket,
+    TokenReservation,
     buckets_for,
 )
 from policies.schema import Config, LimitSpec
+
+if TYPE_CHECKING:
+    from gateway.snapshot import Snapshot
 
 log = logging.getLogger("turnout.auth")
 
@@ -62,13 +61,29 @@ class Principal:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def check_model(self, model: str) -> None:
+        """Raise ModelForbidden unless this key may use `model`."""
+        if not self.may_use(model):
+            raise ModelForbidden(model)
 
-class AuthError(Exception):
+
+class AuthError(APIError):
     """401 invalid_api_key."""
 
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
 
-class ModelForbidden(Exception):
+
+class ModelForbidden(APIError):
     """403: the key may not use this model."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"This API key may not use the model '{model}'.", param="model")
 
 
 class Authenticator:
@@ -83,6 +98,11 @@ class Authenticator:
         self.anonymous = Principal(
             "anonymous", "default", None, "interactive", self._buckets("anonymous", "default", limits.key), None, None
         )
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to check: a key store, or limits on anonymous callers."""
+        return self.store is not None or bool(self.anonymous.buckets)
 
     def _buckets(self, key_id: str, tenant: str, key: LimitSpec) -> tuple[Bucket, ...]:
         limits = self.config.limits
@@ -173,28 +193,32 @@ def _redact(secret: str) -> str:
 
 
 class AuthMiddleware:
-    """On /v1/*: authenticate (401 here, before the body is parsed), put the principal in
-    `scope["state"]`, and add the request's x-ratelimit-* headers (which the route's
-    rate-limit decision leaves in `scope["state"]`) to whatever response goes out."""
+    """On /v1/*: hand the request the current policy snapshot (it keeps it to the end, even
+    if a reload lands meanwhile); authenticate with that snapshot's authenticator (401 here,
+    before the body is parsed), put the principal in `scope["state"]`, and add the request's
+    x-ratelimit-* headers (which the rate-limit step leaves in `scope["state"]`) to whatever
+    response goes out. Installed whatever the startup policy: a reload may turn auth on."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
+    def __init__(self, app: ASGIApp, current: Callable[[], Snapshot]) -> None:
         self.app = app
-        self.auth = authenticator
+        self.current = current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        snapshot = self.current()
         state = scope.setdefault("state", {})
+        state["snapshot"] = snapshot
+        if not snapshot.authenticator.active:
+            await self.app(scope, receive, send)
+            return
         started = time.time_ns()
         try:
-            state["principal"] = await self.auth.authenticate(scope["headers"])
+            state["principal"] = await snapshot.authenticator.authenticate(scope["headers"])
             state["auth_span_ns"] = (started, time.time_ns())  # for the request's trace
-        except AuthError as exc:
-            await _send(send, _invalid_key(str(exc)))
-            return
-        except LimiterUnavailable as exc:
-            await _send(send, _unavailable(exc))
+        except (AuthError, LimiterUnavailable) as exc:
+            await api_error_response(exc)(scope, receive, send)
             return
 
         async def send_with_limits(message: Message) -> None:
@@ -207,81 +231,35 @@ class AuthMiddleware:
         await self.app(scope, receive, send_with_limits)
 
 
-async def _send(send: Send, response: JSONResponse) -> None:
-    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-    await send({"type": "http.response.body", "body": response.body})
+# -- the rate-limit step, called by the routes ---------------------------------------------------
 
 
-def _invalid_key(message: str) -> JSONResponse:
-    return error_response(401, message, type="invalid_request_error", code="invalid_api_key")
-
-
-def _unavailable(exc: LimiterUnavailable) -> JSONResponse:
-    return error_response(
-        503, str(exc), type="server_error", code="service_unavailable", headers={"Retry-After": str(math.ceil(exc.retry_after))}
-    )
-
-
-# -- admission, called by the routes ------------------------------------------------------------
-
-
-async def admit(request: Request, body: ChatCompletionRequest | CompletionRequest | None) -> Ticket | NoTicket:
-    """Check the model against the key, then take the request and its tokens from the
-    limits. `body=None`: a request that generates nothing (model listing): a peek that
-    reports the headers (and checks revocation) but takes nothing."""
+async def rate_limit(
+    request: Request, body: ChatCompletionRequest | CompletionRequest | None, prompt_estimate: int = 0
+) -> TokenReservation | NoReservation:
+    """Take the request and its tokens (`prompt_estimate` plus its output limit) from the
+    caller's limits, in the request's policy snapshot. `body=None`: a request that generates
+    nothing (model listing): a peek that reports the headers (and checks revocation) but
+    takes nothing."""
     state = request.scope.get("state", {})
     principal: Principal | None = state.get("principal")
-    if principal is None:
-        return NO_TICKET
-    if body is not None and not principal.may_use(body.model):
-        raise ModelForbidden(body.model)
-    if not principal.buckets and principal.record_key is None:
-        return NO_TICKET
-    prompt_estimate, tokens = 0, 0
+    if principal is None or (not principal.buckets and principal.record_key is None):
+        return NO_RESERVATION
+    snapshot: Snapshot = state["snapshot"]
+    tokens = 0
     if body is not None:
-        prompt_estimate = await _prompt_estimate(request)
-        tokens = prompt_estimate + (body.output_limit() or request.app.state.config.limits.assumed_max_tokens)
-    limiter: Limiter = request.app.state.limiter
+        tokens = prompt_estimate + (body.output_limit() or snapshot.config.limits.assumed_max_tokens)
     try:
-        ticket = await limiter.acquire(principal.buckets, tokens, prompt_estimate, principal.record_key, peek=body is None)
+        reservation = await snapshot.limiter.acquire(
+            principal.buckets, tokens, prompt_estimate, principal.record_key, peek=body is None
+        )
     except RateLimited as exc:
         state["ratelimit_headers"] = exc.headers
         raise
     except KeyRevoked:
-        request.app.state.authenticator.forget(principal)
+        snapshot.authenticator.forget(principal)
         raise AuthError("This API key has been revoked.") from None
-    if ticket is None:
-        return NO_TICKET
-    state["ratelimit_headers"] = ticket.headers
-    return ticket
-
-
-async def _prompt_estimate(request: Request) -> int:
-    """Prompt tokens, estimated as body bytes / 4: no tokenizer on the request path (a
-    tokenizer pass costs more than the whole limiter); reconciliation corrects it."""
-    length = request.headers.get("content-length")
-    size = int(length) if length and length.isdigit() else len(await request.body())
-    return (size + 3) // 4
-
-
-def install_auth_handlers(app: FastAPI) -> None:
-    """Error bodies for admission failures: 401, 403, 429, 503."""
-
-    @app.exception_handler(AuthError)
-    async def _auth(_: Request, exc: AuthError) -> JSONResponse:
-        return _invalid_key(str(exc))
-
-    @app.exception_handler(ModelForbidden)
-    async def _forbidden(_: Request, exc: ModelForbidden) -> JSONResponse:
-        return error_response(
-            403, f"This API key may not use the model '{exc}'.", param="model", code="model_not_allowed"
-        )
-
-    @app.exception_handler(RateLimited)
-    async def _limited(_: Request, exc: RateLimited) -> JSONResponse:
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after))), "retry-after-ms": str(math.ceil(exc.retry_after * 1000))}
-        return error_response(429, str(exc), type=exc.kind, code="rate_limit_exceeded", headers=headers)
-
-    @app.exception_handler(LimiterUnavailable)
-    async def _unavailable_handler(_: Request, exc: LimiterUnavailable) -> JSONResponse:
-        return _unavailable(exc)
+    if reservation is None:
+        return NO_RESERVATION
+    state["ratelimit_headers"] = reservation.headers
+    return reservation

@@ -25,8 +25,16 @@ def _is_json(content_type: str) -> bool:
     return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    """The request's body as `model`; RequestValidationError (a 400) when it is not one."""
+def prompt_token_estimate(raw: bytes) -> int:
+    """Prompt tokens, estimated as body bytes / 4 (rounded up): no tokenizer on the request
+    path (a tokenizer pass costs more than the whole limiter). The rate limiter reserves
+    with it and reconciles with the backend's usage; routers weigh requests by it."""
+    return (len(raw) + 3) // 4
+
+
+async def parse_body(request: Request, model: type[M]) -> tuple[M, bytes]:
+    """The request's body as `model`, and the bytes as the client sent them (remote
+    backends forward those); RequestValidationError (a 400) when it is not one."""
     raw = await request.body()
     if not raw:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
@@ -47,5 +55,4 @@ async def parse_body(request: Request, model: type[M]) -> M:
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
         raise RequestValidationError(errors, body=data) from None
-    body._raw_body = raw  # type: ignore[attr-defined]  # remote backends forward it as it came
-    return body
+    return body, raw

@@ -39,7 +39,8 @@ def bind_refusal(config: Config, host: str) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app, load_config
+    from gateway.app import create_app
+    from gateway.policy_file import load_config
 
     try:
         config = load_config(args.config)
@@ -223,7 +224,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def _key_store(config_path: str | None) -> object:
     """The store a config names: `auth.store: redis` -> Redis, else the file store (its
     `auth.path`, or $TURNOUT_HOME/keys.json when the config has `auth: none`)."""
-    from gateway.app import load_config
+    from gateway.policy_file import load_config
     from gateway.keys import FileKeyStore, RedisKeyStore
 
     config = load_config(config_path)
@@ -283,14 +284,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate policy files offline (for ops' own CI): exit 0 when all are valid."""
-    from gateway.app import load_config
+    from gateway.policy_file import load_config
     from gateway.registry import build_backend
 
     failed = 0
     for path in args.configs:
         try:
-            config = load_config(path)
-            for backend in config.backends:  # each backend's own options (built, not started)
+            config = load_config(path)  # the schema and each backend's options, by file, line and field
+            for backend in config.backends:  # and what only building tells (an unset api_key_env)
                 try:
                     build_backend(backend)
                 except ConfigError as exc:
@@ -303,10 +304,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_ab_report(args: argparse.Namespace) -> int:
-    from gateway import ab_report
+# -- the tools: their modules are imported here, when their command runs, never by `serve` ----
 
-    return ab_report.run(args)
+
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from gateway.ab import report
+
+    return report.main(args.args)
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from gateway.bench import engine  # numpy at import; torch when it runs
+
+    return engine.main(args.args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from gateway.bench import serve  # stdlib at import; aiohttp/matplotlib when it runs
+
+    return serve.main(args.args)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from gateway.sim import simulator
+
+    return simulator.main(args.args)
+
+
+def _tool(sub: argparse._SubParsersAction, name: str, summary: str, func: object) -> None:
+    """A command whose options its own module parses (`turnout ... NAME --help` prints them):
+    everything after NAME goes to that module's `main`, so the CLI need not import it."""
+    tool = sub.add_parser(name, help=summary, add_help=False)
+    tool.add_argument("args", nargs=argparse.REMAINDER)
+    tool.set_defaults(func=func, passthrough=True)
 
 
 def _positive(text: str) -> int:
@@ -353,13 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("configs", nargs="+", metavar="CONFIG")
     check.set_defaults(func=cmd_check)
 
-    from gateway import ab_report
-
     ab = sub.add_parser("ab", help="A/B experiments")
     ab_sub = ab.add_subparsers(dest="ab_command", required=True)
-    report = ab_sub.add_parser("report", help="per-variant latency, errors and throughput, with confidence intervals")
-    ab_report.add_arguments(report)
-    report.set_defaults(func=cmd_ab_report)
+    _tool(ab_sub, "report", "per-variant latency, errors and throughput, with confidence intervals, and the decision", cmd_ab_report)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     keys.add_argument("--config", help="policy file naming the key store (default: the embedded config)")
@@ -381,27 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key")
     keys.set_defaults(func=cmd_keys)
 
-    from gateway import bench_engine  # numpy only at import; torch when it runs
-
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    engine = bench_sub.add_parser("engine", help="paged engine throughput on GPU vs transformers and the roofline")
-    bench_engine.build_parser(engine).set_defaults(func=bench_engine.run)
-    from gateway import bench_serve  # stdlib only at import; aiohttp/matplotlib when it runs
+    _tool(bench_sub, "engine", "paged engine throughput on GPU vs transformers and the roofline", cmd_bench_engine)
+    _tool(bench_sub, "serve", "load-test any OpenAI-compatible URL: TTFT, ITL, e2e, req/s", cmd_bench_serve)
 
-    serve_bench = bench_sub.add_parser("serve", help="load-test any OpenAI-compatible URL: TTFT, ITL, e2e, req/s")
-    bench_serve.build_parser(serve_bench).set_defaults(func=bench_serve.run)
-
-    sim = sub.add_parser("sim", help="simulate routing strategies over N replicas (turnout sim --help)", add_help=False)
-    sim.add_argument("args", nargs=argparse.REMAINDER)
-    sim.set_defaults(func=cmd_sim)
+    _tool(sub, "sim", "simulate routing strategies over N replicas (turnout sim --help)", cmd_sim)
     return parser
-
-
-def cmd_sim(args: argparse.Namespace) -> int:
-    from gateway import simulator
-
-    return simulator.main(args.args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,8 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if args.command == "sim":
-        args.args = unknown + args.args  # everything after `sim` is the simulator's own
+    if getattr(args, "passthrough", False):
+        args.args = unknown + args.args  # everything after the tool's name is its own
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.func(args)

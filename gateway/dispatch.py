@@ -12,13 +12,13 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from backends.protocol import Backend, ModelNotFound, UpstreamError
+from backends.protocol import Backend, ModelNotFound, Passthrough, PushesLoad
 from gateway.admission import AdmissionController
 from gateway.load_tracker import LoadTracker
 from policies.circuit import CircuitBoard, CircuitConfig
@@ -107,8 +107,11 @@ class Dispatcher:
         old_routes = previous.routes if previous else {}
         self.routes = {alias: self._route(config.route(alias), old_routes.get(alias)) for alias in config.aliases()}
         self.experiments: dict[str, Experiment] = experiments_by_model(config.experiments)
+        # Capabilities, asked once per policy (an isinstance on a Protocol costs microseconds).
+        self.passthrough: dict[str, Passthrough] = {n: b for n, b in backends.items() if isinstance(b, Passthrough)}
+        self._polled = {n for n, b in backends.items() if not isinstance(b, PushesLoad)}  # asked with load()
         for name, backend in backends.items():
-            if hasattr(backend, "on_load_report"):  # remote: reports ride on its responses
+            if isinstance(backend, PushesLoad):  # remote: reports ride on its responses
                 backend.on_load_report = partial(self.tracker.observe, name)
 
     def _route(self, cfg: RouteConfig, old: Route | None) -> Route:
@@ -144,9 +147,8 @@ class Dispatcher:
         now = self.clock()
         states = []
         for name in pool:
-            backend = self.backends[name]
-            if not hasattr(backend, "on_load_report"):
-                self.tracker.observe(name, backend.load())  # in-process: always current, and cheap
+            if name in self._polled:
+                self.tracker.observe(name, self.backends[name].load())  # local: always current, and cheap
             available = name not in skip and self.board.available(name, now)
             states.append(self.tracker.replica_state(name, weight=self.weights.get(name, 1.0), available=available))
         return states
@@ -266,40 +268,3 @@ def _span(tracing: Tracing | None, name: str, parent: Any, **attributes: Any) ->
     if tracing is None or parent is None:
         return nullcontext(None)
     return tracing.span(name, parent, **attributes)
-
-
-# -- deadlines -----------------------------------------------------------------------------------
-# asyncio.timeout arms one timer per await (no task per chunk): cheap enough for every token.
-
-
-async def first_item(stream: AsyncIterator[T], timeout_s: float) -> T:
-    """The stream's first item within the deadline; the stream is closed on any failure."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await anext(stream)
-    except BaseException:
-        await _aclose(stream)
-        raise
-
-
-async def until_deadline(first: T, rest: AsyncIterator[T], deadline: float) -> AsyncIterator[T]:
-    """`first`, then `rest`, cut off with an in-band error at `deadline` (the loop's clock)."""
-    try:
-        yield first
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    item = await anext(rest)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise UpstreamError("The generation exceeded the route's total timeout.") from None
-            yield item
-    finally:
-        await _aclose(rest)
-
-
-async def _aclose(stream: Any) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()

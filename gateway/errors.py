@@ -1,7 +1,9 @@
-"""OpenAI-shaped error responses for every error path of the gateway."""
+"""OpenAI-shaped error responses for every error path of the gateway, and the one reading of
+an exception as the status a request ends with."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -9,8 +11,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from backends.protocol import BackendError, Overloaded
+from backends.protocol import APIError, error_body
 
 log = logging.getLogger("turnout.errors")
 
@@ -24,6 +27,8 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
 }
 
+CLIENT_CLOSED = 499  # nginx's code for a client that left before its answer
+
 
 def error_response(
     status: int,
@@ -34,24 +39,23 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """A JSON response with OpenAI's error body."""
-    body = {
-        "error": {
-            "message": message,
-            "type": type or _TYPE_BY_STATUS.get(status, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+    """A JSON response with OpenAI's error body (`type` defaults from the status)."""
+    body = error_body(message, type or _TYPE_BY_STATUS.get(status, "server_error"), param=param, code=code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def backend_error_response(exc: BackendError) -> JSONResponse:
-    """The response for an error a backend raised (503s carry Retry-After)."""
-    headers = None
-    if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+def api_error_response(exc: APIError) -> JSONResponse:
+    """The response for an APIError: its status, body and headers (Retry-After)."""
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.response_headers() or None)
+
+
+def status_of(exc: BaseException) -> tuple[int, str | None]:
+    """The status and error code a request that failed with `exc` is logged and counted with."""
+    if isinstance(exc, APIError):
+        return exc.status, exc.code
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit, ClientDisconnect)):
+        return CLIENT_CLOSED, "client_closed_request"
+    return 500, None
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -72,9 +76,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception the app can raise to an OpenAI error body."""
 
-    @app.exception_handler(BackendError)
-    async def _backend(_: Request, exc: BackendError) -> JSONResponse:
-        return backend_error_response(exc)
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from fastapi.routing import APIRoute
-from starlette._utils import get_route_path
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,6 +29,16 @@ from starlette.routing import Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: `path` less the `root_path` it is mounted under (ASGI
+    servers behind a proxy prefix send both), as Starlette's router reads it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
 
 
 def _endpoint_app(route: APIRoute) -> ASGIApp:
@@ -77,7 +86,7 @@ class DirectRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            direct = self.direct.get(get_route_path(scope))
+            direct = self.direct.get(route_path(scope))
             if direct is not None:
                 scope.setdefault("router", self.router)  # as Router.app leaves it (url_for)
                 await direct(scope, receive, send)

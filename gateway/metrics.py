@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from backends.protocol import ReportsStats
 from gateway.outcome import RequestOutcome
 from gateway.registry import BackendRegistry
 
@@ -27,6 +28,7 @@ ENGINE_COUNTERS = {
     "vllm:prompt_tokens": "Prompt tokens processed.",
     "vllm:generation_tokens": "Tokens generated.",
     "turnout:paged_steps": "Engine steps run.",
+    "turnout:requests_aborted": "Requests the gateway aborted in the engine worker (the client left) before they finished.",
 }
 
 
@@ -66,8 +68,7 @@ class BackendLoadCollector(Collector):
             if dispatcher is not None:
                 circuit.add_metric(values, 1.0 if dispatcher.board.available(name, now) else 0.0)
                 in_flight.add_metric(values, dispatcher.in_flight(name))
-            stats = getattr(backend, "stats", None)  # engines with their own counters (paged)
-            engine_stats = stats() if callable(stats) else {}
+            engine_stats = backend.stats() if isinstance(backend, ReportsStats) else {}  # engines' own counters
             for counter_name, family in counters.items():
                 if counter_name in engine_stats:
                     family.add_metric(values, engine_stats[counter_name])

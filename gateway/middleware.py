@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import error_response
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def _error_body(message: str) -> bytes:
-    return json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
-    ).encode()
-
-
 class RequestContextMiddleware:
     """Sets `scope["state"]["request_id"]` (the client's X-Request-Id when sane, else a new
-    one), echoes it on every response, and refuses bodies over `max_body_bytes` with 413.
+    one), echoes it on every response, and refuses bodies over `max_body_bytes()` (the
+    current policy's `server.max_body_bytes`) with 413.
 
     The body is read up front, bounded, and replayed: a chunked upload cannot slip past the
     limit, and what follows the body (a disconnect) still reaches the app.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: Callable[[], int]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
 
@@ -44,9 +41,10 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
+        limit = self.max_body_bytes()
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send_with_id)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large(limit, scope, receive, send_with_id)
             return
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send_with_id)
@@ -60,8 +58,8 @@ class RequestContextMiddleware:
                 break  # the client left before sending its body
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await self._too_large(send_with_id)
+            if size > limit:
+                await self._too_large(limit, scope, receive, send_with_id)
                 return
             if not message.get("more_body", False):
                 break
@@ -77,13 +75,6 @@ class RequestContextMiddleware:
 
         await self.app(scope, replay, send_with_id)
 
-    async def _too_large(self, send: Send) -> None:
-        body = _error_body(f"Request body too large: the limit is {self.max_body_bytes} bytes.")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+        await response(scope, receive, send)

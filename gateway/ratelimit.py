@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter
 
+from backends.protocol import APIError
 from policies.ratelimit import LUA_SCRIPT, Decision, Rate, adjust, decide
 from policies.schema import LimitSpec
 
@@ -59,8 +60,11 @@ def buckets_for(
 # -- errors the routes turn into responses -------------------------------------------------
 
 
-class RateLimited(Exception):
+class RateLimited(APIError):
     """429: the caller is over its own limit."""
+
+    status = 429
+    code = "rate_limit_exceeded"
 
     def __init__(
         self,
@@ -74,15 +78,24 @@ class RateLimited(Exception):
             f"Rate limit reached for {kind} per minute ({scope} limit {limit}). "
             f"Please try again in {_duration(retry_after)}."
         )
+        self.type = kind  # OpenAI's type for a rate-limit error: what ran out
         self.kind = kind
         self.retry_after = retry_after
-        self.headers = headers
+        self.headers = headers  # x-ratelimit-*: AuthMiddleware adds them to the response
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after))), "retry-after-ms": str(math.ceil(self.retry_after * 1000))}
 
 
-class LimiterUnavailable(Exception):
+class LimiterUnavailable(APIError):
     """503: the shared store cannot be reached and `fail_mode` is closed."""
 
+    status = 503
+    code = "service_unavailable"
     retry_after = 1.0
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(math.ceil(self.retry_after))}
 
 
 class KeyRevoked(Exception):
@@ -226,8 +239,8 @@ class Limiter:
         prompt_estimate: int,
         record_key: str | None,
         peek: bool = False,
-    ) -> Ticket | None:
-        """Take 1 request and `tokens` tokens from every bucket; a Ticket to settle later.
+    ) -> TokenReservation | None:
+        """Take 1 request and `tokens` tokens from every bucket; a TokenReservation to settle later.
 
         A reservation larger than a bucket's capacity is capped at the capacity (it passes
         when the bucket is full; reconciliation charges the rest). `peek`: take nothing,
@@ -254,7 +267,7 @@ class Limiter:
             kind: Literal["requests", "tokens"] = "tokens" if b.tokens else "requests"
             self.metrics.limited.labels(kind).inc()
             raise RateLimited(kind, b.rate.limit, decision.retry_after, b.scope, headers)
-        return Ticket(self, buckets, costs, prompt_estimate, headers)
+        return TokenReservation(self, buckets, costs, prompt_estimate, headers)
 
     def _store_down(self, exc: Exception | None) -> None:
         now = time.monotonic()
@@ -268,9 +281,9 @@ class Limiter:
         self.metrics.fail_closed.inc()
         raise LimiterUnavailable("Rate limiting is unavailable; please retry shortly.")
 
-    def settle(self, ticket: Ticket, used: int) -> None:
+    def settle(self, reservation: TokenReservation, used: int) -> None:
         """Charge or refund the difference between reserved and used tokens, in the background."""
-        pairs = [(b, used - c) for b, c in zip(ticket.buckets, ticket.costs) if b.tokens and used != c]
+        pairs = [(b, used - c) for b, c in zip(reservation.buckets, reservation.costs) if b.tokens and used != c]
         if not pairs:
             return
         task = asyncio.get_running_loop().create_task(self._adjust(tuple(p[0] for p in pairs), [p[1] for p in pairs]))
@@ -290,7 +303,7 @@ class Limiter:
         await self.store.close()
 
 
-class Ticket:
+class TokenReservation:
     """A request's reservation: its rate-limit headers, and how to settle its tokens."""
 
     __slots__ = ("limiter", "buckets", "costs", "prompt_estimate", "headers", "done")
@@ -319,7 +332,7 @@ class Ticket:
             self.limiter.settle(self, used)
 
 
-class NoTicket:
+class NoReservation:
     """Nothing to meter: no limits apply, or the store is down and fail_mode is open."""
 
     headers: list[tuple[bytes, bytes]] = []
@@ -328,7 +341,7 @@ class NoTicket:
         pass
 
 
-NO_TICKET = NoTicket()
+NO_RESERVATION = NoReservation()
 
 
 # -- OpenAI's headers ---------------------------------------------------------------------------

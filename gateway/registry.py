@@ -6,53 +6,88 @@ import asyncio
 import logging
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
+
+from backends.llamacpp.options import LlamaCppOptions
+from backends.options import BackendOptions, describe
+from backends.paged.options import EngineOptions
 from backends.protocol import Backend, BackendError, ModelCard
+from backends.remote.options import LiteLLMOptions, RemoteOptions
 from backends.worker.backend import WorkerBackend
 from backends.worker.messages import WorkerSpec
 from gateway.residency import ModelResidency
-from policies.schema import LOCAL_KINDS, BackendConfig, Config, ConfigError
+from policies.schema import BackendConfig, Config, ConfigError, problems
 
 log = logging.getLogger("turnout.registry")
+
+# Each backend kind's `options:` model (pydantic alone: checking a policy imports no engine).
+OPTIONS_MODELS: dict[str, type[BackendOptions]] = {
+    "llamacpp": LlamaCppOptions,
+    "paged": EngineOptions,
+    "remote": RemoteOptions,
+    "litellm": LiteLLMOptions,
+}
+
+
+def backend_options(cfg: BackendConfig) -> BackendOptions:
+    """`cfg.options` validated against its kind's model; pydantic's ValidationError names each field."""
+    return OPTIONS_MODELS[cfg.kind].model_validate(cfg.options)
+
+
+def check_options(config: Config, text: str | None = None, source: str | None = None) -> None:
+    """Validate every backend's `options` against its kind's model. Problems raise one
+    ConfigError in parse_config's form, `source:line: backends.N.options.FIELD: message`, the
+    line looked up in the policy's `text` as parse_config looks up its own (without `text`
+    and `source`, just `backends.N.options.FIELD: message`)."""
+    raw = yaml.compose(text) if text is not None else None
+    found = []
+    for index, cfg in enumerate(config.backends):
+        try:
+            backend_options(cfg)
+        except ValidationError as exc:
+            found += problems(exc, raw, source, at=("backends", index, "options"))
+    if found:
+        raise ConfigError("\n".join(found))
 
 
 def build_backend(cfg: BackendConfig, residency: ModelResidency | None = None) -> Backend:
     """Construct (but do not start) the backend a config entry describes. Bad options
-    raise ConfigError naming the backend. Local kinds become WorkerBackends: their model
-    runs in an engine worker process, never in the serving process."""
+    raise ConfigError naming the backend and the options. Local kinds become WorkerBackends:
+    their model runs in an engine worker process, never in the serving process."""
     try:
-        if cfg.kind in LOCAL_KINDS:
-            return _worker_backend(cfg, residency)
-        if cfg.kind == "remote":
+        options = backend_options(cfg)
+    except ValidationError as exc:
+        raise ConfigError(f"backend {cfg.name!r} ({cfg.kind}): {describe(exc, OPTIONS_MODELS[cfg.kind])}") from None
+    try:
+        if isinstance(options, (LlamaCppOptions, EngineOptions)):
+            return _worker_backend(cfg, options, residency)
+        if isinstance(options, RemoteOptions):
             from backends.remote.openai_http import RemoteBackend
 
             assert cfg.url is not None  # the schema requires it
             return RemoteBackend(
-                name=cfg.name, model=cfg.model, url=cfg.url, model_id=cfg.model_id(), api_key_env=cfg.api_key_env, **cfg.options
+                name=cfg.name, model=cfg.model, url=cfg.url, model_id=cfg.model_id(), api_key_env=cfg.api_key_env, **options.model_dump()
             )
-        if cfg.kind == "litellm":
+        if isinstance(options, LiteLLMOptions):
             from backends.remote.litellm_backend import LiteLLMBackend
 
-            return LiteLLMBackend(
-                name=cfg.name, model=cfg.model, model_id=cfg.model_id(), url=cfg.url, api_key_env=cfg.api_key_env, **cfg.options
+            return LiteLLMBackend(  # model_dump keeps litellm's own parameters (the extra keys)
+                name=cfg.name, model=cfg.model, model_id=cfg.model_id(), url=cfg.url, api_key_env=cfg.api_key_env, **options.model_dump()
             )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"backend {cfg.name!r} ({cfg.kind}): {exc}") from exc
     raise ConfigError(f"backend {cfg.name!r}: kind {cfg.kind!r} is not supported")
 
 
-def _worker_backend(cfg: BackendConfig, residency: ModelResidency | None) -> WorkerBackend:
-    """Options are checked here, in the serving process, with the option classes alone (no
-    llama_cpp or torch import): a bad policy fails at `turnout check` and at reload."""
-    if cfg.kind == "llamacpp":
-        from backends.llamacpp.options import LlamaCppOptions
-
-        lopts = LlamaCppOptions.from_dict(cfg.options)
-        window, max_running, block_size = lopts.n_ctx, lopts.instances, 0
+def _worker_backend(cfg: BackendConfig, options: LlamaCppOptions | EngineOptions, residency: ModelResidency | None) -> WorkerBackend:
+    """Options were checked here, in the serving process, with the option models alone (no
+    llama_cpp or torch import): a bad policy fails at `turnout check` and at reload. The
+    worker gets them as written and validates them again where the engine is built."""
+    if isinstance(options, LlamaCppOptions):
+        window, max_running, block_size = options.n_ctx, options.instances, 0
     else:
-        from backends.paged.options import EngineOptions
-
-        popts = EngineOptions.from_dict(cfg.options)
-        window, max_running, block_size = popts.max_model_len, popts.max_num_seqs, popts.block_size
+        window, max_running, block_size = options.max_model_len, options.max_num_seqs, options.block_size
     return WorkerBackend(
         WorkerSpec(kind=cfg.kind, name=cfg.name, model=cfg.model, model_id=cfg.model_id(), options=dict(cfg.options)),
         keep_alive_s=cfg.keep_alive_s(),
@@ -82,6 +117,7 @@ class BackendRegistry:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.residency = ModelResidency(config.server.model_memory_budget_gib, lambda: self.backends.values())
+        check_options(config)  # every bad option at once, by field
         self.configs: dict[str, BackendConfig] = {b.name: b for b in config.backends}
         self.backends: dict[str, Backend] = {b.name: build_backend(b, self.residency) for b in config.backends}
         self.started = False
@@ -98,6 +134,7 @@ class BackendRegistry:
         """Adopt a new config's backends. New or changed ones are built and started before
         anything switches (a failure leaves the registry as it was); returns the backends no
         longer used, for the caller to close once their requests are done."""
+        check_options(config)
         fresh = {b.name: b for b in config.backends if self.configs.get(b.name) != b}
         built = {name: build_backend(cfg, self.residency) for name, cfg in fresh.items()}
         try:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from backends.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelNotFound
-from gateway.auth import admit
+from gateway.auth import rate_limit
 from gateway.body import parse_body
 from gateway.errors import error_response
 from gateway.generate import generate, unless_disconnected
@@ -31,14 +31,14 @@ def _registry(request: Request) -> BackendRegistry:
 # cost more than the whole validation (py-spy); gateway.body keeps FastAPI's errors.
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
-    return await unless_disconnected(request, generate("chat", body, request))
+    body, raw = await parse_body(request, ChatCompletionRequest)
+    return await unless_disconnected(request, generate("chat", body, raw, request))
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
-    return await unless_disconnected(request, generate("completions", body, request))
+    body, raw = await parse_body(request, CompletionRequest)
+    return await unless_disconnected(request, generate("completions", body, raw, request))
 
 
 def _visible_cards(request: Request) -> list[ModelCard]:
@@ -50,13 +50,13 @@ def _visible_cards(request: Request) -> list[ModelCard]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    await admit(request, None)  # headers and the revocation check; takes nothing
+    await rate_limit(request, None)  # headers and the revocation check; takes nothing
     return ModelList(data=_visible_cards(request))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    await admit(request, None)
+    await rate_limit(request, None)
     for card in _visible_cards(request):
         if card.id == model_id:
             return card
@@ -80,7 +80,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: backends started, and every model has at least one backend up."""
     runtime = request.app.state.runtime
-    ready = runtime.registry.started and runtime.dispatcher.healthy()
+    ready = runtime.registry.started and runtime.snapshot.dispatcher.healthy()
     return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
 

@@ -3,7 +3,7 @@ load shedding with a Retry-After computed from the measured drain rate.
 
 Pure: every method takes `now` (monotonic seconds) from the caller, so tests and the
 simulator drive time. `gateway/admission.py` wraps `AdmissionQueue` with asyncio futures;
-`gateway/simulator.py` drives the very same object from its event loop.
+`gateway/sim/simulator.py` drives the very same object from its event loop.
 
 The model. A pool may run `limit` requests at once (normally the sum of its replicas'
 reported max_running: beyond that the engines would only queue the request themselves, in
@@ -219,18 +219,6 @@ class AdmissionQueue:
             self._take(t, now)
             admitted.append(t)
         return admitted, expired
-
-    def expire(self, now: float) -> list[Ticket]:
-        """Drop queued tickets whose deadline has passed (call periodically, or rely on the
-        waiters' own timeouts, which call `abandon`)."""
-        out = []
-        for t in self._heap:
-            if not t.done and t.deadline < now:
-                t.done = True
-                self._queued -= 1
-                self.shed[ShedReason.DEADLINE_EXPIRED.value] += 1
-                out.append(t)
-        return out
 
     def abandon(self, ticket: Ticket, reason: ShedReason) -> bool:
         """A queued request leaves (its client went away, or its own deadline timer fired).

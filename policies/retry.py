@@ -54,9 +54,8 @@ def classify(exc: BaseException | None) -> Outcome:
     if isinstance(exc, asyncio.CancelledError):
         return Outcome.CANCELLED
     if isinstance(exc, BackendError):
-        kind = getattr(exc, "failure", None)
-        if kind in _FAILURE_KINDS:
-            return _FAILURE_KINDS[kind]
+        if exc.failure in _FAILURE_KINDS:
+            return _FAILURE_KINDS[exc.failure]
         if isinstance(exc, Overloaded):
             return Outcome.OVERLOADED
         if 400 <= exc.status < 500:

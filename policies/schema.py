@@ -259,17 +259,26 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data or {})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = err["loc"]
-            where = ".".join(str(p) for p in loc) or "(top level)"
-            line = _line_of(raw, loc)
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{source}:{line}: {where}: {msg}" if line else f"{source}: {where}: {msg}")
-        raise ConfigError("\n".join(problems)) from exc
+        raise ConfigError("\n".join(problems(exc, raw, source))) from exc
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+def problems(exc: ValidationError, raw: yaml.Node | None, source: str | None, at: tuple[Any, ...] = ()) -> list[str]:
+    """Each error of `exc` as `source:line: field: message`, its line looked up in the
+    composed policy `raw`; `at` locates the validated value within the policy (a backend's
+    options are validated apart, at ("backends", i, "options")). Without `raw` or `source`,
+    what is known of them is left out."""
+    out = []
+    for err in exc.errors():
+        loc = (*at, *err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = line_of(raw, loc) if raw is not None else None
+        msg = err["msg"].removeprefix("Value error, ")
+        prefix = f"{source}:{line}: " if source and line else f"{source}: " if source else ""
+        out.append(f"{prefix}{where}: {msg}")
+    return out
+
+
+def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the YAML node at loc (or of its nearest existing parent)."""
     line = node.start_mark.line + 1 if node is not None else None
     for key in loc:

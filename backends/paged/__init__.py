@@ -3,11 +3,13 @@
 Modules, one job each:
   config        model shape from GGUF metadata, HF config.json or a named dummy shape
   weights       tensors from GGUF (dequantized), safetensors, or random (dummy)
+  loader        a model name -> its source, then config + tokenizer (cheap) and weights (not)
   tokenizer     a `tokenizers` Tokenizer from the GGUF vocab or tokenizer.json; incremental detokenization
   model         the Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, optional qkv bias)
   kv_cache      the per-layer block pool, sized from a memory budget
-  block_manager allocation, ref-counts, hash-chained prefix caching, LRU eviction
-  scheduler     continuous batching with a token budget, chunked prefill, preemption by recompute
+  block_manager allocation, ref-counts, prefix caching by BLAKE2b chain digests, LRU eviction
+  scheduler     continuous batching with a token budget, chunked prefill, preemption by recompute;
+                each sequence's progress (computed counts, tokens, stops, frees)
   attention     paged attention over the block pool: plain torch (CPU) or the Triton kernels (CUDA)
   triton_kernels  Triton paged attention: GQA split-K decode, varlen prefill over cached prefixes
   triton_ops    fused Triton kernels: (residual add +) RMSNorm, SiLU-and-mul, RoPE, K/V write
@@ -17,7 +19,11 @@ Modules, one job each:
   hf_compat     the same weights in a transformers model (GPU checks, the benchmark's peer)
   sampler       OpenAI sampling parameters, per-request seeded generators, logprobs; batched GPU fast path
   options       the backend's `options:` (torch-free: the gateway validates them)
-  engine        the synchronous core: add_request / step / abort
+  sequence      one request's tokens, progress and blocks, as the scheduler tracks them
+  model_runner  the device half: a plan in, forward pass, CUDA graphs and sampling, tokens out
+  output_processor  new tokens -> text deltas: detokenization, stop strings, logprobs
+  engine        the synchronous core: add_request / step / abort, a thin loop of
+                schedule -> runner.execute -> scheduler.update_from_output -> outputs
   async_engine  one engine thread, per-request async streams
   backend       PagedBackend: the Backend protocol over all of the above (served by an engine
                 worker process: backends.worker)

@@ -15,8 +15,9 @@ from backends.generation import GenerationDelta, GenerationRequest
 from backends.local import LocalBackend
 from backends.paged.async_engine import AsyncEngine, EngineDeadError, OutputSink
 from backends.paged.config import ModelConfig
-from backends.paged.engine import EngineOptions, LLMEngine
-from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
+from backends.paged.engine import LLMEngine
+from backends.paged.loader import ModelSource, load_config_and_tokenizer
+from backends.paged.options import EngineOptions
 from backends.paged.tokenizer import Tokenizer
 from backends.protocol import LoadReport
 
@@ -67,19 +68,12 @@ class PagedBackend(LocalBackend):
     async def start(self) -> None:
         if self._async is not None:
             return
-        self.engine = await asyncio.to_thread(self._build_engine)
+        # The shape and tokenizer read in __init__ are reused: a GGUF's metadata is parsed once.
+        self.engine = await asyncio.to_thread(
+            LLMEngine.from_model, self._source, self.options, config=self._config, tokenizer=self._tokenizer
+        )
         self._async = AsyncEngine(self.engine)
         self._async.start()
-
-    def _build_engine(self) -> LLMEngine:
-        opts = self.options
-        if opts.num_threads:
-            import torch
-
-            torch.set_num_threads(opts.num_threads)
-        device = opts.torch_device()
-        weights = load_weights(self._source, self._config, opts.torch_dtype(device), device, seed=opts.seed)
-        return LLMEngine(self._config, weights, self._tokenizer, opts)
 
     async def close(self) -> None:
         if self._async is not None:

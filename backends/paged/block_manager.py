@@ -3,20 +3,32 @@ with LRU eviction of unreferenced cached blocks, and a watermark for admission.
 
 Block states:
   free       ref 0, no content worth keeping        -> `_free` (a deque)
-  cached     ref 0, full block with a known hash    -> `_evictable` (LRU order), reusable by hash
+  cached     ref 0, full block with a known digest  -> `_evictable` (LRU order), reusable by digest
   in use     ref > 0 (shared prefix blocks have ref > 1)
+
+A cached block is found by its chain digest alone, with no comparison of tokens, so the digest
+must not collide: a collision would hand one request another prefix's KV. Python's `hash()` is
+64 bits (and a tuple's hash is not built to resist collisions); BLAKE2b-256 over the parent's
+digest and the block's token ids is, and costs about a microsecond per full block.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 
 from backends.paged.sequence import Sequence
 
+DIGEST_SIZE = 32  # bytes of BLAKE2b output: collisions out of reach, by chance or by design
 
-def chain_hash(parent: int | None, tokens: list[int]) -> int:
-    """Hash of a full block given its parent's hash: equal hashes mean equal whole prefixes."""
-    return hash((parent, tuple(tokens)))
+
+def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    """Digest of a full block given its parent's digest (None for a sequence's first block):
+    equal digests mean equal whole prefixes, up to BLAKE2b-256 collisions."""
+    h = hashlib.blake2b(parent or b"", digest_size=DIGEST_SIZE)
+    h.update(array("q", tokens))  # int64 ids: fixed width, so the byte string is unambiguous
+    return h.digest()
 
 
 class BlockManager:
@@ -28,10 +40,10 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.watermark_blocks = max(1, int(watermark * num_blocks)) if num_blocks > 4 else 0
         self._ref = [0] * num_blocks
-        self._hash: list[int | None] = [None] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._cached: dict[int, int] = {}  # hash -> block id
+        self._cached: dict[bytes, int] = {}  # chain digest -> block id
         # Counted in tokens, like vLLM's vllm:prefix_cache_queries / _hits.
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -110,7 +122,7 @@ class BlockManager:
         tokens = seq.tokens
         self.prefix_queries += len(tokens)
         max_blocks = (len(tokens) - 1) // self.block_size
-        parent: int | None = None
+        parent: bytes | None = None
         for i in range(max_blocks):
             h = chain_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             b = self._cached.get(h)

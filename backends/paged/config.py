@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,6 @@ class ModelConfig:
     qkv_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
 
 
 # Named random-weight shapes for benchmarks and tests. "tiny" is for unit tests: a vocab that
@@ -157,8 +153,3 @@ def config_from_hf(model_dir: Path) -> ModelConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(int(x) for x in eos_ids),
     )
-
-
-def with_overrides(config: ModelConfig, **changes: Any) -> ModelConfig:
-    """A copy with some fields changed (tests use it to shrink shapes)."""
-    return replace(config, **changes)

@@ -1,8 +1,16 @@
 """The synchronous engine core: add_request / step / abort, driven by a plain Python loop.
 
-A step asks the scheduler for a plan, runs one forward pass over the flattened batch (prefill
-chunks and decodes together), samples for the sequences that reached their end, and turns new
-tokens into text deltas (stop strings held back, stop tokens and limits checked)."""
+A step is a one-way pipeline over four parts, each in its own module:
+
+    Scheduler.schedule()             which sequences run, how many tokens each (scheduler)
+    ModelRunner.execute(plan)        inputs, forward pass, sampling launched (model_runner)
+    Scheduler.update_from_output()   tokens appended, blocks committed, stops, frees (scheduler)
+    OutputProcessor.process()        text deltas, stop strings (output_processor)
+
+With async scheduling (on by default on CUDA) a step whose tokens were sampled on the device
+is collected one step later, after the next one has been launched, so the host's work for
+step N overlaps the device's for step N+1.
+"""
 
 from __future__ import annotations
 
@@ -10,45 +18,30 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from backends.generation import GenerationDelta, GenerationRequest, TokenLogprob
-from backends.paged.attention import TorchPagedAttention
+from backends.generation import GenerationRequest, output_budget
 from backends.paged.block_manager import BlockManager
 from backends.paged.config import ModelConfig
-from backends.paged.kv_cache import KVCache, num_blocks_for_budget
 from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
-from backends.paged.memory_profile import profile_num_blocks
-from backends.paged.model import LlamaModel, TorchOps
+from backends.paged.model import LlamaModel
+from backends.paged.model_runner import LaunchedStep, ModelRunner, StepInfo
 from backends.paged.options import EngineOptions
-from backends.paged.sampler import SamplerState, sample_batch, sample_tokens_device
-from backends.paged.scheduler import ScheduledSeq, Scheduler
-from backends.paged.sequence import PENDING, Sequence, SeqStatus
-from backends.paged.step_inputs import StepInputs, build_step_inputs, to_device
-from backends.paged.tokenizer import IncrementalDetokenizer, Tokenizer
+from backends.paged.output_processor import OutputProcessor, StepOutput
+from backends.paged.sampler import SamplerState
+from backends.paged.scheduler import Scheduler, SchedulerOutput
+from backends.paged.sequence import Sequence
+from backends.paged.tokenizer import Tokenizer
 from backends.paged.weights import ModelWeights
-from backends.protocol import ContextLengthExceeded, InvalidRequest
-from backends.stop import StopMatcher
+from backends.protocol import InvalidRequest
 
-@dataclass
-class _SeqRuntime:
-    """What the engine keeps per sequence besides the scheduler's view."""
-
-    sampler: SamplerState
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    stop_ids: frozenset[int]
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    delta: GenerationDelta
+__all__ = ["EngineCounters", "LLMEngine", "StepInfo", "StepOutput"]
 
 
 @dataclass
 class EngineCounters:
+    """Monotonic counts since the engine started."""
+
     prompt_tokens: int = 0
     generation_tokens: int = 0
     steps: int = 0
@@ -59,35 +52,6 @@ class EngineCounters:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class StepInfo:
-    """What the last step ran (benchmarks read it to split prefill from decode time)."""
-
-    num_prefill_tokens: int
-    num_decodes: int
-    context_tokens: int  # tokens of KV the step's attention read, summed over sequences
-    graph: bool
-
-
-def split_prefills_decodes(scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
-    """(prefill chunks, decodes). A decode computes a sequence's last token (and samples); a
-    one-token chunk cut short by the step's budget is a prefill chunk, not a decode."""
-    prefills, decodes = [], []
-    for s in scheduled:
-        (decodes if s.num_tokens == 1 and s.samples else prefills).append(s)
-    return prefills, decodes
-
-
-@dataclass
-class _InFlight:
-    """A step whose sampled tokens are still on the device (async scheduling)."""
-
-    entries: list[tuple[Sequence, int]]  # (sequence, index of its PENDING output token), by row
-    tokens: torch.Tensor  # [n] int64 on the device: the next step's inputs
-    host: torch.Tensor  # pinned [>= n] int64 the tokens are copied into
-    event: Any  # torch.cuda.Event recorded after that copy (None on CPU)
-
-
 class LLMEngine:
     """The engine. Not thread-safe: one thread drives it (see async_engine)."""
 
@@ -95,71 +59,50 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.options = options
-        self.device = weights.embed.device
-        self.dtype = weights.embed.dtype
-        bs = options.block_size
-        kind = options.kernel_kind(self.device)
-        if kind == "triton":
-            from backends.paged.attention import TritonPagedAttention
-            from backends.paged.triton_ops import TritonOps
-
-            attention: object = TritonPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
-            ops: object = TritonOps()
-        else:
-            attention, ops = TorchPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim), TorchOps()
-        self.kernels = kind
-        max_positions = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        self.model = LlamaModel(config, weights, max_positions, attention=attention, ops=ops)
-        if options.num_blocks is not None:
-            num_blocks = options.num_blocks
-        elif self.device.type == "cuda":
-            # vLLM's recipe: run the largest step once, then give the KV pool what is left of
-            # gpu_memory_utilization after weights, that step's activations and the graphs.
-            num_blocks = profile_num_blocks(self.model, config, options, self.dtype)
-        else:
-            num_blocks = num_blocks_for_budget(config, bs, self.dtype, int(options.kv_cache_gib * (1 << 30)))
-        self.max_model_len = min(max_positions, num_blocks * bs)
-        self.cache = KVCache(config, num_blocks, bs, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=options.enable_prefix_caching, watermark=options.watermark)
+        self.runner = ModelRunner(config, weights, options)
+        self.device = self.runner.device
+        self.dtype = self.runner.dtype
+        self.kernels = self.runner.kernels
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, options.block_size, enable_prefix_caching=options.enable_prefix_caching, watermark=options.watermark
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=options.max_num_batched_tokens,
             enable_chunked_prefill=options.enable_chunked_prefill,
+            max_model_len=self.max_model_len,
         )
-        self.graphs = None
-        if self.device.type == "cuda" and kind == "triton" and not options.enforce_eager:
-            from backends.paged.cuda_graphs import DecodeGraphRunner
-
-            self.graphs = DecodeGraphRunner(
-                self.model,
-                self.cache,
-                max_batch=min(options.cuda_graph_max_batch or options.max_num_seqs, options.max_num_seqs),
-                max_blocks_per_seq=-(-self.max_model_len // bs),
-                max_context=self.max_model_len,
-                splits_for=lambda b, ctx: attention.decode_splits(b, ctx, self.device),
-            )
-            self.graphs.capture()
-        self.last_step: StepInfo | None = None
+        self.outputs = OutputProcessor(tokenizer)
         self.async_scheduling = options.async_scheduling if options.async_scheduling is not None else self.device.type == "cuda"
-        self._inflight: _InFlight | None = None
-        pin = self.device.type == "cuda"
-        # Two host buffers (and events) for sampled tokens, used in turn: one step's copy
-        # lands while the previous one's is read.
-        self._token_host = [torch.zeros(options.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self._token_events = [torch.cuda.Event() if pin else None for _ in range(2)]
-        self._token_next = 0
+        self._inflight: LaunchedStep | None = None  # async scheduling: launched, not collected
         self.seqs: dict[str, Sequence] = {}
         self.counters = EngineCounters()
 
     @classmethod
-    def from_model(cls, model: str, **options: Any) -> LLMEngine:
-        """Load `model` (GGUF path or store name, HF directory, or dummy:<shape>)."""
-        opts = EngineOptions.from_dict(options)
+    def from_model(
+        cls,
+        model: str | ModelSource,
+        options: EngineOptions | None = None,
+        *,
+        config: ModelConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+        **option_values: Any,
+    ) -> LLMEngine:
+        """Load `model` (GGUF path or store name, HF directory, dummy:<shape>, or an already
+        parsed ModelSource) and build the engine: the one way every caller builds one.
+
+        Options come as an EngineOptions or as keywords. `config` and `tokenizer`, when given,
+        were read from the same source already (PagedBackend reads them before start())."""
+        if options is not None and option_values:
+            raise TypeError("pass engine options as an EngineOptions or as keywords, not both")
+        opts = options if options is not None else EngineOptions.from_dict(option_values)
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)
-        source = ModelSource.parse(model)
-        config, tokenizer = load_config_and_tokenizer(source)
+        source = model if isinstance(model, ModelSource) else ModelSource.parse(model)
+        if config is None or tokenizer is None:
+            config, tokenizer = load_config_and_tokenizer(source)
         device = opts.torch_device()
         weights = load_weights(source, config, opts.torch_dtype(device), device, seed=opts.seed)
         return cls(config, weights, tokenizer, opts)
@@ -179,29 +122,20 @@ class LLMEngine:
         bad = [t for t in request.prompt_tokens if not 0 <= t < self.config.vocab_size]
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="prompt")
-        total = len(request.prompt_tokens) + s.max_tokens
-        if total > self.max_model_len:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({len(request.prompt_tokens)} in the messages, {s.max_tokens} in the completion).",
-                param="max_tokens",
-            )
+        output_budget(len(request.prompt_tokens), s.max_tokens, self.max_model_len)
 
     def add_request(self, request: GenerationRequest) -> None:
+        """Validate a request and queue it for the scheduler."""
         self.validate(request)
         if request.request_id in self.seqs:
             raise InvalidRequest(f"duplicate request id {request.request_id!r}")
         s = request.sampling
-        seq = Sequence(request.request_id, list(request.prompt_tokens), s, priority=request.priority)
         stop_ids = set(s.stop_token_ids)
         if not s.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)
-        seq.state = _SeqRuntime(
-            sampler=SamplerState.create(s, seq.prompt_ids, "cpu"),
-            detok=IncrementalDetokenizer(self.tokenizer, seq.prompt_ids),
-            stops=StopMatcher(s.stop),
-            stop_ids=frozenset(stop_ids),
-        )
+        seq = Sequence(request.request_id, list(request.prompt_tokens), s, priority=request.priority, stop_token_ids=frozenset(stop_ids))
+        seq.sampler = SamplerState.create(s, seq.prompt_ids, "cpu")
+        self.outputs.add(seq)
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
         self.counters.prompt_tokens += len(seq.prompt_ids)
@@ -212,197 +146,82 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.remove(seq)
+        self.outputs.remove(request_id)
         self.counters.requests_aborted += 1
         return True
 
     def has_unfinished(self) -> bool:
+        """Whether a step has anything to do (queued or running work, or a step in flight)."""
         return self.scheduler.has_work() or self._inflight is not None
 
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Run one scheduler step; return the deltas of the sequences that produced tokens.
-        With async scheduling those are mostly the previous step's (see _step_async)."""
-        if self.async_scheduling:
-            t0 = time.perf_counter()
-            outputs = self._step_async()
-            self.counters.step_time_s += time.perf_counter() - t0
-            return outputs
+        """Plan, launch, and hand back the deltas of the sequences that produced tokens. With
+        async scheduling those are mostly the previous step's: a step sampled on the device is
+        collected after the next one has been launched."""
         t0 = time.perf_counter()
+        prev, self._inflight = self._inflight, None
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            return []
-        prefills, decodes = split_prefills_decodes(plan.scheduled)
-        ordered = prefills + decodes
-        samplers = [s for s in ordered if s.samples]  # before num_computed moves
-        inp = build_step_inputs(prefills, decodes, self.options.block_size)
-        logits = self._run_model(inp)
-        for s in ordered:
-            s.seq.num_computed += s.num_tokens
-            self.block_manager.commit_full_blocks(s.seq)
-        outputs: list[StepOutput] = []
-        if samplers:
-            # The step's one device -> host sync happens here.
-            results = sample_batch(logits, [s.seq.state.sampler for s in samplers])
-            for s, r in zip(samplers, results):
-                outputs.append(self._append_token(s.seq, r))
+            return self._finish(prev) if prev is not None else []
+        launched = self._run_model(plan)
+        if self.runner.last_step is not None and self.runner.last_step.graph:
+            self.counters.graph_steps += 1
+        self.scheduler.update_after_launch(plan)
+        outputs = self._finish(prev) if prev is not None else []
+        if self.async_scheduling and launched.on_device:
+            self._inflight = launched
+        else:
+            # Sync scheduling, or rows that need the host sampler: their penalties read the
+            # previous step's tokens, just collected, so this step is collected after them.
+            outputs += self._finish(launched)
         self.counters.steps += 1
         self.counters.step_time_s += time.perf_counter() - t0
         return outputs
 
-    def _run_model(self, inp: StepInputs) -> torch.Tensor:
-        """Forward the step; return float32 logits of its sample rows, in row order."""
-        graph = self.graphs is not None and self.graphs.can_run(inp)
-        self.last_step = StepInfo(inp.num_prefill_tokens, inp.num_decodes, int(inp.context_lens.sum()), graph)
-        if graph:
-            self.counters.graph_steps += 1
-            return self.graphs.run(inp)
-        splits = 1
-        if inp.num_decodes and hasattr(self.model.attn, "decode_splits"):
-            splits = self.model.attn.decode_splits(inp.num_decodes, max(inp.decode_context_lens), self.device)
-        input_ids, positions, meta = to_device(inp, self.device, splits)
-        hidden = self.model.forward(input_ids, positions, meta, self.cache)
-        if not inp.sample_rows:
-            return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
-        if len(inp.sample_rows) != hidden.shape[0]:
-            rows = torch.tensor(inp.sample_rows, dtype=torch.long)
-            hidden = hidden.index_select(0, rows.to(self.device, non_blocking=True))
-        return self.model.logits(hidden)
+    def _run_model(self, plan: SchedulerOutput) -> LaunchedStep:
+        """The step's one call into the model runner (benchmarks wrap it to time the device)."""
+        return self.runner.execute(plan)
 
-    def _step_async(self) -> list[StepOutput]:
-        """One step with the host work overlapped with the GPU's (vLLM's async scheduling).
-
-        Step N is scheduled and launched while step N-1 may still run on the device: each
-        sequence that samples gets a PENDING placeholder token (so the scheduler's counts are
-        right), and a decode whose last token is N-1's placeholder reads it from N-1's token
-        tensor on the device. After the launch, N-1's tokens are read back (the only sync,
-        normally already complete) and processed: detokenization, stops, deltas, prefix-cache
-        hashes. A sequence that N-1 finished (a stop) may have run one wasted row in N; its row
-        is ignored. A sequence whose next token is certainly its last (max_tokens, context
-        end) is not scheduled again. Steps that need the host's sampler (seeds, penalties,
-        bias, logprobs, truncation) process N-1 and then N at once."""
-        prev, self._inflight = self._inflight, None
-        plan = self.scheduler.schedule()
-        if not plan.scheduled:
-            return self._resolve(prev) if prev is not None else []
-        prefills, decodes = split_prefills_decodes(plan.scheduled)
-        ordered = prefills + decodes
-        samplers = [s for s in ordered if s.samples]  # before num_computed moves
-        inp = build_step_inputs(prefills, decodes, self.options.block_size)
-        if prev is not None:
-            self._feed_from_device(inp, prefills, decodes, prev)
-        logits = self._run_model(inp)
-        for s in ordered:
-            s.seq.num_computed += s.num_tokens
-        entries = self._add_placeholders(samplers)
-        sampled = {id(s) for s in samplers}
-        for s in prefills:
-            if id(s) not in sampled:  # a sequence that sampled commits when its token is read back
-                self.block_manager.commit_full_blocks(s.seq)
-        self.counters.steps += 1
-        states = [s.seq.state.sampler for s in samplers]
-        tokens = sample_tokens_device(logits, states) if samplers else None
-        if tokens is not None:
-            k = self._token_next
-            self._token_next = 1 - k
-            host, event = self._token_host[k], self._token_events[k]
-            host[: len(entries)].copy_(tokens, non_blocking=True)
-            if event is not None:
-                event.record()
-            outputs = self._resolve(prev) if prev is not None else []
-            self._inflight = _InFlight(entries, tokens, host, event)
-            return outputs
-        outputs = self._resolve(prev) if prev is not None else []
-        if entries:
-            # The host sampler needs the tokens N-1 produced (penalties): sample after them.
-            live = [i for i, (seq, _) in enumerate(entries) if seq.status is not SeqStatus.FINISHED]
-            if live:
-                rows = logits if len(live) == len(entries) else logits.index_select(0, torch.tensor(live, device=logits.device))
-                results = sample_batch(rows, [states[i] for i in live])
-                for i, r in zip(live, results):
-                    seq, idx = entries[i]
-                    outputs.append(self._accept(seq, idx, r.token_id, r))
+    def _finish(self, launched: LaunchedStep) -> list[StepOutput]:
+        """Collect a launched step's tokens and turn them into progress and deltas."""
+        tokens = self.scheduler.update_from_output(self.runner.collect(launched))
+        self.counters.generation_tokens += len(tokens)
+        outputs, stopped = self.outputs.process(tokens)
+        for seq in stopped:
+            self.scheduler.remove(seq)  # a stop string: finished here, not by the scheduler
+        for out in outputs:
+            if out.delta.finish_reason is not None:
+                self.seqs.pop(out.request_id, None)
+                self.counters.requests_finished += 1
         return outputs
 
-    def _feed_from_device(self, inp: StepInputs, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], prev: _InFlight) -> None:
-        """Point the decode rows whose last token is still on the device at prev's tokens."""
-        rows: Any = None
-        base = inp.num_prefill_tokens
-        for j, s in enumerate(decodes):
-            seq = s.seq
-            if seq.num_pending:
-                assert seq.num_pending == 1 and seq.output_ids[-1] == PENDING, "a placeholder older than the last step"
-                if rows is None:
-                    rows = np.full(len(inp.input_ids), -1, dtype=np.int64)
-                rows[base + j] = seq.pending_row
-        for s in prefills:
-            assert not s.seq.num_pending, "a prefill chunk over a token still on the device"
-        if rows is not None:
-            inp.prev_tokens, inp.prev_rows = prev.tokens, rows
+    # -- the runner's parts (benchmarks and tests reach them through the engine) ---------------
 
-    def _add_placeholders(self, samplers: list[ScheduledSeq]) -> list[tuple[Sequence, int]]:
-        entries = []
-        for row, s in enumerate(samplers):
-            seq = s.seq
-            idx = len(seq.output_ids)
-            seq.output_ids.append(PENDING)
-            seq.num_pending += 1
-            seq.pending_row = row
-            if idx + 1 >= seq.sampling.max_tokens or len(seq.prompt_ids) + idx + 1 >= self.max_model_len:
-                seq.final_pending = True  # finishes with "length" whatever the token is
-            entries.append((seq, idx))
-        return entries
+    @property
+    def model(self) -> LlamaModel | None:
+        return self.runner.model
 
-    def _resolve(self, rec: _InFlight) -> list[StepOutput]:
-        """Read back a launched step's tokens and process them."""
-        if rec.event is not None:
-            rec.event.synchronize()
-        tokens = rec.host[: len(rec.entries)].tolist()
-        outputs = []
-        for (seq, idx), token in zip(rec.entries, tokens):
-            if seq.status is SeqStatus.FINISHED:  # finished by an earlier token, or aborted
-                continue
-            outputs.append(self._accept(seq, idx, token, None))
-        return outputs
+    @model.setter
+    def model(self, model: LlamaModel | None) -> None:
+        self.runner.model = model  # None releases the weights (the benchmark's peer reuses the memory)
 
-    def _accept(self, seq: Sequence, idx: int, token: int, r: Any) -> StepOutput:
-        """Fill in placeholder idx with its sampled token, then process it."""
-        seq.output_ids[idx] = token
-        seq.num_pending -= 1
-        self.block_manager.commit_full_blocks(seq, seq.num_tokens - seq.num_pending)
-        return self._process_token(seq, idx, token, r)
+    @property
+    def cache(self) -> Any:
+        return self.runner.cache
 
-    def _append_token(self, seq: Sequence, r: Any) -> StepOutput:
-        seq.output_ids.append(r.token_id)
-        return self._process_token(seq, len(seq.output_ids) - 1, r.token_id, r)
+    @property
+    def graphs(self) -> Any:
+        return self.runner.graphs
 
-    def _process_token(self, seq: Sequence, idx: int, token: int, r: Any) -> StepOutput:
-        """Sampler history, detokenization, stops and the delta for output token idx."""
-        rt: _SeqRuntime = seq.state
-        rt.sampler.output_ids.append(token)
-        self.counters.generation_tokens += 1
-        finish: str | None = None
-        text = ""
-        logprobs = None
-        if token in rt.stop_ids:
-            finish = "stop"  # the stop token's own text is not part of the output
-        else:
-            piece = rt.detok.add(token)
-            text, hit = rt.stops.feed(piece)
-            if hit:
-                finish = "stop"
-            if r is not None and r.logprob is not None:
-                tt = self.tokenizer.token_text
-                logprobs = [TokenLogprob(token, tt(token), r.logprob, [(tt(i), lp) for i, lp in r.top])]
-        if finish is None and (idx + 1 >= seq.sampling.max_tokens or len(seq.prompt_ids) + idx + 1 >= self.max_model_len):
-            finish = "length"
-        if finish is not None:
-            if finish == "length" or token in rt.stop_ids:
-                text += rt.stops.flush()
-            self.seqs.pop(seq.request_id, None)
-            self.scheduler.remove(seq)
-            self.counters.requests_finished += 1
-        return StepOutput(seq.request_id, GenerationDelta(text=text, token_ids=[token], finish_reason=finish, logprobs=logprobs))
+    @graphs.setter
+    def graphs(self, graphs: Any) -> None:
+        self.runner.graphs = graphs
+
+    @property
+    def last_step(self) -> StepInfo | None:
+        return self.runner.last_step
 
     # -- observability ---------------------------------------------------------------------------
 

@@ -3,53 +3,44 @@ validate a policy without importing the engine (which runs in its own worker pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
-from backends.options import reject_unknown
+from pydantic import Field
+
+from backends.options import BackendOptions
 
 if TYPE_CHECKING:
     import torch
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DType = Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
 
 
-@dataclass
-class EngineOptions:
-    """The `options:` of a `kind: paged` backend. Unknown keys are an error."""
+class EngineOptions(BackendOptions):
+    """The `options:` of a `kind: paged` backend. Unknown keys and mistyped values are errors."""
 
-    block_size: int = 16
+    kind = "paged"
+
+    block_size: int = Field(default=16, gt=0)
     kv_cache_gib: float = 1.0  # CPU: the KV pool's size
     gpu_memory_utilization: float = 0.9  # GPU: fraction of device memory for weights + KV pool
     num_blocks: int | None = None  # explicit pool size (tests); overrides the budget
-    max_num_seqs: int = 64  # cap on running sequences
-    max_num_batched_tokens: int = 2048  # token budget per step
+    max_num_seqs: int = Field(default=64, gt=0)  # cap on running sequences
+    max_num_batched_tokens: int = Field(default=2048, gt=0)  # token budget per step
     max_model_len: int | None = None  # default: the model's context, capped by the pool
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: DType = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"  # "auto" picks cuda when available
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     watermark: float = 0.01  # fraction of blocks kept free when admitting new sequences
     seed: int = 0  # dummy weights' seed
     num_threads: int | None = None  # torch intra-op threads on CPU
-    kernels: str = "auto"  # auto: triton on CUDA, torch on CPU; or "torch" / "triton"
+    kernels: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     cuda_graph_max_batch: int | None = None  # largest captured decode batch (default max_num_seqs)
     # Overlap a step's host work with the GPU: sampled tokens stay on the device as the next
     # step's inputs and are read back one step later. None: on for CUDA, off on CPU.
     async_scheduling: bool | None = None
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> EngineOptions:
-        reject_unknown(cls, options, "paged")
-        opts = cls(**options)
-        if opts.block_size <= 0 or opts.max_num_seqs <= 0 or opts.max_num_batched_tokens <= 0:
-            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
-        if opts.kernels not in ("auto", "torch", "triton"):
-            raise ValueError(f"kernels must be auto, torch or triton, not {opts.kernels!r}")
-        if opts.dtype != "auto" and opts.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {opts.dtype!r}; use one of auto, {', '.join(_DTYPES)}")
-        return opts
 
     def kernel_kind(self, device: torch.device) -> str:
         """The kernels to use on this device: "triton" or "torch"."""
@@ -58,6 +49,7 @@ class EngineOptions:
         return self.kernels
 
     def torch_device(self) -> torch.device:
+        """The device to run on ("auto": CUDA where there is one)."""
         import torch
 
         if self.device == "auto":
@@ -65,11 +57,9 @@ class EngineOptions:
         return torch.device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The weights' and KV cache's dtype on this device ("auto": bfloat16 on CUDA, else float32)."""
         import torch
 
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        try:
-            return getattr(torch, _DTYPES[self.dtype])
-        except KeyError:
-            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(_DTYPES)}") from None
+        return getattr(torch, _DTYPES[self.dtype])

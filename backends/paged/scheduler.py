@@ -8,30 +8,48 @@ admitted FCFS within priority while the budget, the running-sequence cap and the
 lowest-priority, latest-arrived running sequence is preempted by recompute: its blocks are
 freed and it goes back to the front of its priority class in the waiting queue, keeping its
 output so far. No request is ever dropped.
+
+The scheduler also owns each sequence's progress (vLLM v1's split): the model runner only
+reads a plan. `update_after_launch(plan)` counts the plan's tokens as computed, holds a PENDING
+place for each token being sampled and registers the blocks now full of known tokens;
+`update_from_output(runner_output)` fills the places in, finishes sequences on a stop token or
+at their length and frees them. With async scheduling the next `schedule()` runs between the
+two, while the sampled tokens are still on the device.
 """
 
 from __future__ import annotations
 
 import bisect
+import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backends.paged.block_manager import BlockManager
-from backends.paged.sequence import Sequence, SeqStatus
+from backends.paged.sequence import PENDING, Sequence, SeqStatus
+
+if TYPE_CHECKING:
+    from backends.paged.model_runner import RunnerOutput
+    from backends.paged.sampler import Sample
 
 
 @dataclass
 class ScheduledSeq:
+    """One sequence's share of a step."""
+
     seq: Sequence
     num_tokens: int  # new tokens computed this step (1 for a decode)
+    # Whether this step reaches the end of the sequence's tokens, so it samples the next one.
+    # Fixed when planned: num_computed moves before the step's tokens are read back.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence's tokens, so it samples the next."""
-        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
+    """A step's plan: what runs (running sequences first, then new admissions) and who was preempted."""
+
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
@@ -40,7 +58,22 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.scheduled)
 
 
+@dataclass
+class SampledToken:
+    """A sequence's newly known output token, as `update_from_output` hands it on."""
+
+    seq: Sequence
+    token_id: int
+    index: int  # its place in seq.output_ids
+    # "stop" (a stop token) or "length", the sequence then finished and freed; stop strings are
+    # found later, in the text (OutputProcessor).
+    finish_reason: str | None
+    sample: Sample | None = None  # the host sampler's result (carries logprobs); None from the device path
+
+
 class Scheduler:
+    """Continuous batching over one block pool (see the module docstring)."""
+
     def __init__(
         self,
         block_manager: BlockManager,
@@ -48,9 +81,11 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
     ) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len or sys.maxsize  # a sequence reaching it ends with "length"
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: list[Sequence] = []  # sorted by sort_key
@@ -60,6 +95,7 @@ class Scheduler:
     # -- queue management ------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        """Queue seq (new, or preempted) by priority, then arrival."""
         seq.status = SeqStatus.WAITING
         bisect.insort(self.waiting, seq, key=Sequence.sort_key)
 
@@ -81,11 +117,14 @@ class Scheduler:
         self.add(seq)  # its early arrival puts it ahead of later requests of its priority
 
     def has_work(self) -> bool:
+        """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
     # -- the step's plan -----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """Plan the next step and allocate its blocks (preempting when the pool runs dry).
+        Progress is left to update_after_launch / update_from_output."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
@@ -138,3 +177,46 @@ class Scheduler:
         """Give back prefix-cache blocks a waiting sequence took but cannot use yet."""
         self.bm.free(seq)
         seq.num_computed = 0
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def update_after_launch(self, plan: SchedulerOutput) -> None:
+        """The runner has launched `plan`: its tokens count as computed, each sequence that
+        samples gets a PENDING output token (so the next plan sees the right counts before the
+        value is known), and blocks now full of known tokens are registered for prefix caching."""
+        for s in plan.scheduled:
+            seq = s.seq
+            seq.num_computed += s.num_tokens
+            if s.samples:
+                index = len(seq.output_ids)
+                seq.output_ids.append(PENDING)
+                seq.num_pending += 1
+                if self._is_last(seq, index):
+                    seq.final_pending = True  # ends with "length" whatever the token is: not scheduled again
+            self.bm.commit_full_blocks(seq, seq.num_tokens - seq.num_pending)
+
+    def update_from_output(self, output: RunnerOutput) -> list[SampledToken]:
+        """Fill in the sampled tokens of a launched step (its oldest PENDING place, for each
+        sequence), register the blocks they complete, and finish and free the sequences that
+        hit a stop token or their length. Returns the new tokens in the output's order."""
+        new: list[SampledToken] = []
+        for seq, token, sample in zip(output.seqs, output.token_ids, output.samples):
+            if seq.status is SeqStatus.FINISHED:  # finished by an earlier token, or aborted
+                continue
+            index = len(seq.output_ids) - seq.num_pending
+            seq.output_ids[index] = token
+            seq.num_pending -= 1
+            self.bm.commit_full_blocks(seq, seq.num_tokens - seq.num_pending)
+            finish = None
+            if token in seq.stop_token_ids:
+                finish = "stop"
+            elif self._is_last(seq, index):
+                finish = "length"
+            if finish is not None:
+                self.remove(seq)
+            new.append(SampledToken(seq, token, index, finish, sample))
+        return new
+
+    def _is_last(self, seq: Sequence, index: int) -> bool:
+        """Whether output token `index` is the sequence's last: max_tokens, or the context's end."""
+        return index + 1 >= seq.sampling.max_tokens or len(seq.prompt_ids) + index + 1 >= self.max_model_len

@@ -34,16 +34,17 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
-    # Hash chain of this sequence's full, computed blocks (prefix caching), in block order.
-    block_hashes: list[int] = field(default_factory=list)
+    # Digest chain of this sequence's full, computed blocks (prefix caching), in block order.
+    block_hashes: list[bytes] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
-    # Per-request state the engine attaches (sampler generator, detokenizer, stop matcher).
-    state: Any = None
-    # Async scheduling: trailing output_ids that are PENDING, the row of the newest one in its
-    # step's sampled-token tensor, and whether that token is certain to be the last (length).
+    # Tokens that end the sequence with "stop" (EOS unless ignore_eos, and stop_token_ids).
+    stop_token_ids: frozenset[int] = frozenset()
+    # The model runner's per-request sampling state (seeded generator, penalty history).
+    sampler: Any = None
+    # Trailing output_ids that are PENDING (launched, not read back yet), and whether the
+    # newest of them is certain to be the last token (length), whatever its value.
     num_pending: int = 0
-    pending_row: int = -1
     final_pending: bool = False
 
     @property

@@ -42,10 +42,6 @@ class StepInputs:
     def is_pure_decode(self) -> bool:
         return self.num_prefills == 0
 
-    @property
-    def max_context_len(self) -> int:
-        return int(self.context_lens.max()) if len(self.context_lens) else 0
-
 
 def _last_token(s: ScheduledSeq) -> int:
     seq = s.seq

@@ -3,10 +3,8 @@ through litellm, mapped to this project's wire types and errors.
 
 litellm is imported lazily (it is slow to import and optional); its responses are
 converted field by field into our models rather than validated wholesale, so provider
-extras litellm adds cannot break a response. Errors follow RemoteBackend's rules: a
-provider's 4xx passes through, 429/503 become 503 (the provider throttles *us*, not the
-caller: DESIGN.md keeps 429 for a caller over its own limit), auth failures and everything
-else are 502s with a `failure` kind for the retry and circuit policies.
+extras litellm adds cannot break a response. Errors follow the one upstream status policy
+(backends/remote/upstream_errors.py), applied to the provider's status.
 """
 
 from __future__ import annotations
@@ -39,7 +37,8 @@ from backends.protocol import (
     ResponseMessage,
     Usage,
 )
-from backends.remote.openai_http import RemoteFailure, UpstreamClientError, UpstreamOverloaded, _before
+from backends.remote.openai_http import _before
+from backends.remote.upstream_errors import OVERLOADED_STATUSES, RemoteFailure, error_for_status
 
 T = TypeVar("T")
 
@@ -333,15 +332,16 @@ class LiteLLMBackend:
             return RemoteFailure(f"could not reach provider {self.name!r}", failure="connect")
         if isinstance(exc, ex.Timeout) or any(isinstance(c, httpx.TimeoutException) for c in chain):
             return RemoteFailure(f"provider {self.name!r} timed out ({phase})", failure="timeout")
-        if isinstance(exc, (ex.RateLimitError, ex.ServiceUnavailableError)) or status in (429, 503, 529):
-            return UpstreamOverloaded(f"provider {self.name!r} is throttling requests: {message}", retry_after=_retry_after_of(exc))
-        if isinstance(exc, (ex.AuthenticationError, ex.PermissionDeniedError)) or status in (401, 403):
-            return RemoteFailure(f"provider {self.name!r} refused the gateway's credentials", failure="server", upstream_status=status)
-        if isinstance(status, int) and 400 <= status < 500:
-            return UpstreamClientError(status, message, type=None, code=None, param=None)
-        return RemoteFailure(
-            f"provider {self.name!r} failed: {message}", failure="server", upstream_status=status if isinstance(status, int) else None
-        )
+        # litellm's classes say what its providers' statuses meant, where no status came along.
+        if isinstance(exc, (ex.RateLimitError, ex.ServiceUnavailableError)) and status not in OVERLOADED_STATUSES:
+            status = 503
+        elif isinstance(exc, (ex.AuthenticationError, ex.PermissionDeniedError)) and status not in (401, 403):
+            status = 401
+        if not isinstance(status, int) or status < 400:
+            return RemoteFailure(f"provider {self.name!r} failed: {message}", failure="server")
+        if status in OVERLOADED_STATUSES:
+            message = f"provider {self.name!r} is throttling requests: {message}"
+        return error_for_status(f"provider {self.name!r}", status, message, retry_after=_retry_after_of(exc))
 
 
 def _causes(exc: BaseException) -> list[BaseException]:

@@ -4,10 +4,8 @@ reached over HTTP with a keep-alive pool.
 The client's body is forwarded as sent, with only `model` (and `stream` where it must
 differ) rewritten, so fields this gateway does not model (tools, vendor extensions) reach the
 upstream intact. Errors: an upstream 4xx is the client's fault and passes through with its
-status and OpenAI error fields, except 401/403 (the gateway's own key was refused: a 502)
-and 429 (the upstream throttles the gateway: a 503, like an upstream 503, Retry-After kept);
-everything else (connect errors, other 5xx, unparsable answers, timeouts) is a 502
-`UpstreamError` whose `failure` says what happened, for the retry and circuit policies.
+status and OpenAI error fields; the rest is backends/remote/upstream_errors.py's policy
+(401/403 and 5xx: a 502 whose `failure` says what happened; 429/503: a 503 with Retry-After).
 
 The transport is aiohttp: on the gateway's hot path it costs about a third of what httpx
 (httpcore + anyio) costs per request (profiled with py-spy; docs/benchmarks.md, "Gateway
@@ -36,57 +34,18 @@ from backends.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
-    InvalidRequest,
     LoadReport,
     ModelCard,
-    Overloaded,
     RawChunk,
-    UpstreamError,
     Usage,
 )
+from backends.remote.upstream_errors import RemoteFailure, error_for_status
 
 log = logging.getLogger("turnout.remote")
 
 LOAD_HEADER = "endpoint-load-metrics"
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
-
-
-class RemoteFailure(UpstreamError):
-    """A 502: the upstream could not give an answer. `failure` is one of
-    connect | timeout | server | protocol (see policies.retry.classify)."""
-
-    def __init__(self, message: str, *, failure: str, upstream_status: int | None = None) -> None:
-        super().__init__(message)
-        self.failure = failure
-        self.upstream_status = upstream_status
-
-
-class UpstreamClientError(InvalidRequest):
-    """An upstream 4xx passed through: the same status and OpenAI error fields."""
-
-    def __init__(
-        self, status: int, message: str, *, type: str | None, code: str | None, param: str | None
-    ) -> None:
-        super().__init__(message, param=param, code=code)
-        self.status = status
-        self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error")
-
-
-class UpstreamOverloaded(Overloaded):
-    """The upstream answered 503: it is shedding load. Kept a 503 with its Retry-After."""
-
 
 def _base_url(url: str) -> str:
     """The OpenAI base URL: `http://host:port` gets `/v1`; a URL with a path is kept."""
@@ -202,36 +161,44 @@ class RemoteBackend:
     # -- the Backend protocol ------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
-        data = await self._post("/chat/completions", self._body(request, stream=False))
-        return self._parse(ChatCompletion, data, request.model)
+        return await self.chat_raw(request, None)
 
     def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        body = self._body(request, stream=True)
+        body = self._body(request, None, stream=True)
         return self._stream("/chat/completions", body, lambda d, _: self._parse(ChatCompletionChunk, d, request.model))
 
     async def completion(self, request: CompletionRequest) -> Completion:
-        data = await self._post("/completions", self._body(request, stream=False))
-        return self._parse(Completion, data, request.model)
+        return await self.completion_raw(request, None)
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
-        body = self._body(request, stream=True)
+        body = self._body(request, None, stream=True)
         return self._stream("/completions", body, lambda d, _: self._parse(Completion, d, request.model))
 
-    def chat_stream_raw(self, request: ChatCompletionRequest) -> AsyncIterator[RawChunk]:
-        """`chat_stream` as the upstream's bytes (see RawChunk): the gateway's SSE path."""
-        body = self._body(request, stream=True)
-        return self._stream("/chat/completions", body, self._raw_parser(ChatCompletionChunk, request.model))
+    # -- Passthrough: the client's own body out, the upstream's own bytes back --------------------
 
-    def completion_stream_raw(self, request: CompletionRequest) -> AsyncIterator[RawChunk]:
-        body = self._body(request, stream=True)
-        return self._stream("/completions", body, self._raw_parser(Completion, request.model))
+    async def chat_raw(self, request: ChatCompletionRequest, body: bytes | None) -> ChatCompletion:
+        data = await self._post("/chat/completions", self._body(request, body, stream=False))
+        return self._parse(ChatCompletion, data, request.model)
+
+    async def completion_raw(self, request: CompletionRequest, body: bytes | None) -> Completion:
+        data = await self._post("/completions", self._body(request, body, stream=False))
+        return self._parse(Completion, data, request.model)
+
+    def chat_stream_raw(self, request: ChatCompletionRequest, body: bytes | None) -> AsyncIterator[RawChunk]:
+        """`chat_stream` as the upstream's bytes (see RawChunk): the gateway's SSE path."""
+        forwarded = self._body(request, body, stream=True)
+        return self._stream("/chat/completions", forwarded, self._raw_parser(ChatCompletionChunk, request.model))
+
+    def completion_stream_raw(self, request: CompletionRequest, body: bytes | None) -> AsyncIterator[RawChunk]:
+        forwarded = self._body(request, body, stream=True)
+        return self._stream("/completions", forwarded, self._raw_parser(Completion, request.model))
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _body(self, request: ChatCompletionRequest | CompletionRequest, *, stream: bool) -> bytes:
-        """The body to forward: the client's own JSON with `model` rewritten."""
+    def _body(self, request: ChatCompletionRequest | CompletionRequest, raw: bytes | None, *, stream: bool) -> bytes:
+        """The body to forward: the client's own JSON (`raw`; without it, `request`
+        serialised) with `model` rewritten."""
         data: Any = None
-        raw = request._raw_body
         if raw is not None:
             try:
                 data = json.loads(raw)
@@ -331,27 +298,10 @@ class RemoteBackend:
 
     def _status_error(self, response: aiohttp.ClientResponse, payload: bytes) -> BackendError:
         """The error for an upstream answer with status >= 400 (`payload`: its body)."""
-        status = response.status
         message, type_, code, param = _error_fields(payload)
-        if status in (429, 503):
-            # 503: the node sheds load. 429: it throttles *this gateway's* key. Either way the
-            # system, not the caller, is saturated: DESIGN.md keeps 429 for a caller over its
-            # own limit. A 503 with the upstream's Retry-After, retryable elsewhere.
-            retry_after = _retry_after(response.headers.get("retry-after"))
-            return UpstreamOverloaded(message or f"upstream {self.name!r} is overloaded", retry_after=retry_after)
-        if status in (401, 403):
-            # The gateway's own credentials were refused: passing 401 on would tell the client
-            # its key is wrong. A misconfigured backend is a server-side failure.
-            log.error("backend %s: upstream refused our credentials (%s): %s", self.name, status, message)
-            return RemoteFailure(
-                f"upstream {self.name!r} refused the gateway's credentials", failure="server", upstream_status=status
-            )
-        if 400 <= status < 500:
-            return UpstreamClientError(status, message or f"upstream answered {status}", type=type_, code=code, param=param)
-        return RemoteFailure(
-            f"upstream {self.name!r} answered {status}" + (f": {message}" if message else ""),
-            failure="server",
-            upstream_status=status,
+        retry_after = _retry_after(response.headers.get("retry-after"))
+        return error_for_status(
+            f"upstream {self.name!r}", response.status, message, type=type_, code=code, param=param, retry_after=retry_after
         )
 
     async def _post(self, path: str, body: bytes) -> Any:

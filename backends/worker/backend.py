@@ -138,7 +138,8 @@ class WorkerBackend:
         )
 
     def stats(self) -> dict[str, float]:
-        """The engine's counters under vLLM's names (paged), from its last report."""
+        """The engine's counters under vLLM's names (paged) and the worker's own
+        (`turnout:requests_aborted`), from its last report; a new worker counts from 0."""
         return dict(self._last_load.stats) if self._last_load is not None else {}
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:

@@ -33,6 +33,9 @@ log = logging.getLogger("turnout.worker")
 
 LOAD_INTERVAL_BUSY_S = 0.1  # load reports while requests run: fresh enough for routing
 LOAD_INTERVAL_IDLE_S = 0.5  # and the heartbeat when idle
+# Requests the gateway aborted (its client left) while they were still being prepared or run;
+# carried in every load report's stats and exported by the gateway as `..._total` on /metrics.
+ABORTED = "turnout:requests_aborted"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -81,6 +84,7 @@ class WorkerServer:
         self._direct = backend if isinstance(backend, DirectEngine) else None
         self._in_engine: set[str] = set()  # requests a direct engine is running
         self._fresh: set[str] = set()  # ... that have not produced a token yet
+        self.aborted = 0  # requests ended by an Abort from the gateway before they finished
         self._loop = asyncio.get_running_loop()
         self._parent = os.getppid()
 
@@ -128,6 +132,7 @@ class WorkerServer:
     def load_message(self) -> m.Load:
         report = self.backend.load()
         stats = getattr(self.backend, "stats", None)
+        engine_stats = stats() if callable(stats) else {}
         return m.Load(
             kv_usage=report.kv_usage,
             kv_free_blocks=report.kv_free_blocks,
@@ -138,7 +143,7 @@ class WorkerServer:
             prefix_cache_hit_rate=report.prefix_cache_hit_rate,
             healthy=report.healthy,
             rss_bytes=_rss_bytes(),
-            stats=stats() if callable(stats) else {},
+            stats={**engine_stats, ABORTED: float(self.aborted)},
         )
 
     # -- the loop --------------------------------------------------------------------------------
@@ -152,7 +157,8 @@ class WorkerServer:
                     if isinstance(message, m.Submit):
                         self._tasks[message.request_id] = asyncio.create_task(self._run(message))
                     elif isinstance(message, m.Abort):
-                        self._abort(message.request_id)
+                        if self._abort(message.request_id):
+                            self.aborted += 1
                     else:
                         return
         finally:
@@ -162,14 +168,18 @@ class WorkerServer:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             self._flush()
 
-    def _abort(self, rid: str) -> None:
+    def _abort(self, rid: str) -> bool:
+        """Stop a request; False when it had already ended (an Abort that crossed its last delta)."""
         task = self._tasks.get(rid)
         if task is not None:
             task.cancel()  # closes the generation: the engine frees its blocks
-        elif self._direct is not None and rid in self._in_engine:
+            return True
+        if self._direct is not None and rid in self._in_engine:
             self._in_engine.discard(rid)
             self._fresh.discard(rid)
             self._direct.abort_request(rid)
+            return True
+        return False
 
     async def _report_load(self) -> None:
         while True:

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-import backends.paged.engine as engine_module  # noqa: E402
+import backends.paged.model_runner as runner_module  # noqa: E402
 from backends.generation import GenerationRequest, SamplingParams  # noqa: E402
 from backends.paged.engine import LLMEngine  # noqa: E402
 from backends.paged.hf_compat import build_hf_model  # noqa: E402
@@ -70,29 +70,29 @@ def test_bf16_logits_close_to_transformers_and_pool_sized_by_profiling(monkeypat
     assert cache_bytes >= 0.5 * (0.25 * total - engine.model.w.nbytes()), "the KV pool should get most of the rest"
 
     recorded: list[tuple[list[str], torch.Tensor]] = []
-    real_sample_batch = engine_module.sample_batch
+    real_sample_batch = runner_module.sample_batch
 
     def recording_sample_batch(logits: torch.Tensor, states: list) -> list:
         results = real_sample_batch(logits, states)
         recorded.append(([s.request_id for s in states], logits.float().cpu()))
         return results
 
-    real_sample_tokens_device = engine_module.sample_tokens_device
+    real_sample_tokens_device = runner_module.sample_tokens_device
 
     def recording_sample_tokens_device(logits: torch.Tensor, states: list) -> torch.Tensor | None:
         tokens = real_sample_tokens_device(logits, states)
-        if tokens is not None:  # otherwise the engine calls sample_batch next
+        if tokens is not None:  # otherwise the runner calls sample_batch at collect
             recorded.append(([s.request_id for s in states], logits.float().cpu()))
         return tokens
 
-    monkeypatch.setattr(engine_module, "sample_batch", recording_sample_batch)
-    monkeypatch.setattr(engine_module, "sample_tokens_device", recording_sample_tokens_device)
+    monkeypatch.setattr(runner_module, "sample_batch", recording_sample_batch)
+    monkeypatch.setattr(runner_module, "sample_tokens_device", recording_sample_tokens_device)
     # Request ids travel on the sampler states for this test only.
     real_add = engine.add_request
 
     def add(req: GenerationRequest) -> None:
         real_add(req)
-        engine.seqs[req.request_id].state.sampler.request_id = req.request_id
+        engine.seqs[req.request_id].sampler.request_id = req.request_id
 
     engine.add_request = add  # type: ignore[method-assign]
     ps = prompts(6, engine.config.vocab_size, 20, 300, seed=1)

@@ -67,3 +67,43 @@ def test_serve_rejects_a_bad_config(tmp_path: Path) -> None:
     bad.write_text("backends:\n  - {name: a, kind: nope, model: m}\n")
     out = turnout("serve", "--config", str(bad))
     assert out.returncode == 2 and f"{bad}:2: backends.0.kind" in out.stderr
+
+
+BAD_OPTIONS = """\
+server:
+  port: 8080
+backends:
+  - name: local
+    kind: llamacpp
+    model: m
+    options:
+      instances: 1
+      n_ctx: "4096"
+      n_threds: 2
+"""
+
+
+def test_check_accepts_the_shipped_policies() -> None:
+    paths = ["config/default.yaml", *sorted(str(p.relative_to(REPO)) for p in (REPO / "config" / "examples").glob("*.yaml"))]
+    out = turnout("check", *paths)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(": ok (") == len(paths)
+
+
+def test_check_names_file_line_and_field_of_a_bad_option(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_OPTIONS)
+    out = turnout("check", "config/default.yaml", str(bad))
+    assert out.returncode == 1
+    assert "config/default.yaml: ok" in out.stdout  # the good file is still reported as such
+    assert out.stderr.splitlines() == [
+        f"{bad}:9: backends.0.options.n_ctx: Input should be a valid integer",
+        f"{bad}:10: backends.0.options.n_threds: Extra inputs are not permitted",
+    ]
+
+
+def test_serve_rejects_a_bad_option(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_OPTIONS)
+    out = turnout("serve", "--config", str(bad), "--port", "9")
+    assert out.returncode == 2 and "backends.0.options.n_ctx: Input should be a valid integer" in out.stderr

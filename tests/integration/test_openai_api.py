@@ -87,7 +87,8 @@ def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
 
 
 def test_stream_ends_with_finish_chunk_then_done(llamacpp_server: Server) -> None:
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 5, "stream": True}
+    # Greedy: a sampled answer may end (EOS) within 5 tokens, and this test is about `length`.
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 5, "stream": True, "temperature": 0}
     with httpx.stream("POST", llamacpp_server.base_url + "/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -269,8 +270,8 @@ def test_unknown_route_and_method(llamacpp_server: Server) -> None:
 
 # -- cancellation and capacity ---------------------------------------------------------------------
 
-# Thousands of tokens: tens of seconds of generation on this CPU (more under load), so an
-# instance that comes back within a few seconds was freed by the disconnect, not by the end.
+# Thousands of tokens (ignore_eos: no early end): many times longer to generate than a test
+# waits for the instance, at any machine's speed (the disconnect tests measure it).
 LONG = {"model": MODEL, "messages": HELLO, "max_tokens": 3500, "ignore_eos": True, "temperature": 0}
 
 
@@ -285,6 +286,36 @@ def _await_free_instance(server: Server, budget_s: float) -> float:
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         time.sleep(0.02)
     raise AssertionError(f"the instance was not freed within {budget_s}s")
+
+
+def _seconds_per_token(server: Server, n: int = 32) -> float:
+    """This server's decode time per token, measured now: between the first and the last
+    token of a streamed answer (prompt time excluded)."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": n, "ignore_eos": True, "temperature": 0, "stream": True}
+    stamps = []
+    with httpx.stream("POST", server.base_url + "/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                stamps.append(time.monotonic())
+    assert len(stamps) >= n // 2, "the answer should stream token by token"
+    return (stamps[-1] - stamps[0]) / (n - 1)
+
+
+def _seconds_it_had_left(sent_at: float, per_token: float) -> float:
+    """How much longer an abandoned LONG request would have run had it not been aborted: its
+    tokens not yet generated, at the measured rate. Every second since it was sent counts as
+    decoding, so this never overstates what was left."""
+    left = LONG["max_tokens"] - (time.monotonic() - sent_at) / per_token
+    assert left >= 500, f"only {left:.0f} tokens were left: too few to tell an abort from the end"
+    return left * per_token
+
+
+def _requests_aborted(server: Server) -> float:
+    """The engine worker's count of requests the gateway aborted, as /metrics exports it."""
+    text = httpx.get(server.url + "/metrics").text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return next(s.value for s in samples if s.name == "turnout:requests_aborted_total" and s.labels["backend"] == "local")
 
 
 @pytest.fixture(scope="module")
@@ -305,23 +336,38 @@ def test_full_queue_is_503_with_retry_after(no_queue_server: Server) -> None:
         assert err["type"] == "server_error" and int(busy.headers["retry-after"]) >= 1
 
 
-def test_disconnect_mid_stream_frees_the_instance(no_queue_server: Server) -> None:
+# An abandoned request is proved aborted, not finished: it still had hundreds of tokens to go,
+# the next request got the only instance within a quarter of the time those would have taken
+# (measured at this machine's rate, not a fixed number of seconds: a slow machine is slow at
+# both), and the engine worker counted exactly one abort.
+
+
+def test_disconnect_mid_stream_aborts_the_generation(no_queue_server: Server) -> None:
     _await_free_instance(no_queue_server, budget_s=5.0)  # from the test before
+    per_token = _seconds_per_token(no_queue_server)
+    aborted = _requests_aborted(no_queue_server)
+    sent_at = time.monotonic()
     with httpx.stream("POST", no_queue_server.base_url + "/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
+        left_s = _seconds_it_had_left(sent_at, per_token)
     # leaving the block closed the connection mid-stream
-    _await_free_instance(no_queue_server, budget_s=5.0)
+    _await_free_instance(no_queue_server, budget_s=left_s / 4)
+    assert _requests_aborted(no_queue_server) == aborted + 1
 
 
-def test_disconnect_while_waiting_for_a_non_streamed_answer(no_queue_server: Server) -> None:
+def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts_it(no_queue_server: Server) -> None:
     _await_free_instance(no_queue_server, budget_s=5.0)
+    per_token = _seconds_per_token(no_queue_server)
+    aborted = _requests_aborted(no_queue_server)
+    sent_at = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
-        _post_timeout = httpx.post(no_queue_server.base_url + "/chat/completions", json=LONG, timeout=0.3)
-        del _post_timeout
-    _await_free_instance(no_queue_server, budget_s=5.0)
+        httpx.post(no_queue_server.base_url + "/chat/completions", json=LONG, timeout=0.3)
+    left_s = _seconds_it_had_left(sent_at, per_token)
+    _await_free_instance(no_queue_server, budget_s=left_s / 4)
+    assert _requests_aborted(no_queue_server) == aborted + 1
 
 
 def test_load_header_and_vllm_metrics(llamacpp_server: Server) -> None:

@@ -27,7 +27,8 @@ from backends.protocol import (
     StreamOptions,
     UpstreamError,
 )
-from backends.remote.openai_http import RemoteBackend, RemoteFailure, UpstreamClientError
+from backends.remote.openai_http import RemoteBackend
+from backends.remote.upstream_errors import RemoteFailure, UpstreamClientError
 from policies.retry import Outcome, classify
 from tests.conftest import Server, free_port, llamacpp_config, start_server
 
@@ -145,8 +146,8 @@ async def test_forwards_raw_body_with_model_rewritten_and_key(scripted: tuple[st
     try:
         request = chat_request(max_tokens=9)
         # The client's body as sent, with a field the gateway does not model.
-        request._raw_body = json.dumps({"model": "alias", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, "tools": [{"type": "function"}]}).encode()
-        out = await backend.chat(request)
+        raw = json.dumps({"model": "alias", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, "tools": [{"type": "function"}]}).encode()
+        out = await backend.chat_raw(request, raw)
     finally:
         await backend.close()
     path, headers, body = app.requests[-1]
@@ -177,9 +178,9 @@ async def test_stream_flag_is_made_to_match_the_call(scripted: tuple[str, Script
     url, app = scripted
     backend = remote(url, "ok")
     request = chat_request(stream=True)
-    request._raw_body = b'{"model":"alias","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}'
+    raw = b'{"model":"alias","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}'
     try:
-        await backend.chat(request)  # the non-streamed call: the upstream must not stream
+        await backend.chat_raw(request, raw)  # the non-streamed call: the upstream must not stream
     finally:
         await backend.close()
     assert app.requests[-1][2] == {"model": "ok", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -189,11 +190,11 @@ async def test_usage_turned_on_in_the_parsed_request_reaches_the_upstream(script
     url, app = scripted
     backend = remote(url, "pings")
     request = chat_request(stream=True)
-    request._raw_body = b'{"model":"alias","messages":[{"role":"user","content":"hi"}],"stream":true}'
+    raw = b'{"model":"alias","messages":[{"role":"user","content":"hi"}],"stream":true}'
     # What gateway.ratelimit does to reconcile token limits with the upstream's usage chunk.
     request.stream_options = StreamOptions(include_usage=True)
     try:
-        [c async for c in backend.chat_stream(request)]
+        [c async for c in backend.chat_stream_raw(request, raw)]
     finally:
         await backend.close()
     assert app.requests[-1][2] == {"model": "pings", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
@@ -349,8 +350,8 @@ async def test_chat_through_remote_matches_direct(node: RemoteBackend, llamacpp_
 async def test_raw_body_wins_over_parsed_fields(node: RemoteBackend) -> None:
     request = chat_request(max_tokens=30, temperature=0)
     # What the client sent says 3 tokens: that is what the upstream must see.
-    request._raw_body = json.dumps({"model": "alias", "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 3, "temperature": 0, "ignore_eos": True}).encode()
-    out = await node.chat(request)
+    raw = json.dumps({"model": "alias", "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 3, "temperature": 0, "ignore_eos": True}).encode()
+    out = await node.chat_raw(request, raw)
     assert out.usage is not None and out.usage.completion_tokens == 3
     assert out.choices[0].finish_reason == "length"
 

@@ -6,10 +6,14 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from gateway import ab_report
-from gateway.ab_report import Sample, read_samples, render_text, summarize, two_proportion_z
+from gateway.ab import report as ab_report
+from gateway.ab import stats
+from gateway.ab.report import render_text, summarize
+from gateway.ab.stats import two_proportion_z
+from gateway.samples import Sample, append_sample, read_samples
 
 LOG = Path(__file__).parent / "data" / "ab_samples.jsonl"
 EXPERIMENT = "runner-vs-paged"
@@ -155,7 +159,139 @@ def test_cli_without_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_append_then_read_round_trips(tmp_path: Path) -> None:
     log = tmp_path / "sub" / "samples.jsonl"
     s = Sample(experiment="e", variant="v", status=200, ttft_s=0.1, tpot_s=None, e2e_s=0.5, prompt_tokens=3, completion_tokens=4, ts=1.0)
-    ab_report.append_sample(log, s)
-    ab_report.append_sample(log, s)
+    append_sample(log, s)
+    append_sample(log, s)
     samples, bad = read_samples(log.read_text().splitlines(), "e")
     assert samples == [s, s] and bad == 0
+
+
+# -- TPOT: only streams and backend timings give one ------------------------------------------
+
+
+def _whole_answers(variant: str, n: int, *, stream: bool | None, e2e: float = 1.0, **extra: float) -> list[Sample]:
+    """Non-streamed answers as the gateway logs them: the "first byte" is the whole answer,
+    so ttft is e2e less a write, and (e2e - ttft) / 49 is ~1e-5 s per token."""
+    return [
+        Sample(experiment="x", variant=variant, status=200, ttft_s=e2e + i * 1e-3 - 5e-4, tpot_s=5e-4 / 49, e2e_s=e2e + i * 1e-3,
+               completion_tokens=50, stream=stream, **extra)  # type: ignore[arg-type]
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_non_streamed_answers_have_no_tpot() -> None:
+    samples = _whole_answers("a", 30, stream=False) + _whole_answers("b", 30, stream=False, e2e=1.2)
+    report = summarize(samples, "x", baseline="a", n_boot=200)
+    for v in report.variants:
+        assert v.values["tpot_s"].size == 0 and v.tpot_unmeasured == 30
+        assert math.isnan(v.percentiles["tpot_s"][50].value)
+    (cmp,) = report.comparisons
+    assert "tpot_s" not in cmp.significant_metrics()
+    text = render_text(report)
+    assert "median tpot_s  +nan" not in text and "n/a for 30 of a's requests: not streamed" in text
+    tpot_line = next(line for line in text.splitlines() if line.strip().startswith("median tpot_s"))
+    assert tpot_line.endswith("no data")
+    assert next(d for d in cmp.decisions if d.metric == "tpot_s").better is None
+
+
+def test_old_log_lines_of_whole_answers_have_no_tpot() -> None:
+    # Written before samples had `stream`: a tpot_s of 1e-5 s (100k tok/s) is no decode pace.
+    old = _whole_answers("a", 5, stream=None)
+    assert all(ab_report.tpot_of(s) is None for s in old)
+    streamed = Sample(experiment="x", variant="a", status=200, ttft_s=0.1, tpot_s=0.02, e2e_s=1.08, completion_tokens=50)
+    assert ab_report.tpot_of(streamed) == 0.02
+
+
+def test_backend_timings_give_the_tpot_streamed_or_not() -> None:
+    whole = _whole_answers("a", 1, stream=False, decode_s=0.49, output_tokens=49)[0]
+    assert ab_report.tpot_of(whole) == pytest.approx(0.01)
+    streamed = Sample(experiment="x", variant="a", status=200, ttft_s=0.1, tpot_s=0.02, e2e_s=1.08, completion_tokens=50,
+                      stream=True, decode_s=0.245, output_tokens=49)  # fmt: skip
+    assert ab_report.tpot_of(streamed) == pytest.approx(0.005)  # the backend's own, without the network
+    report = summarize([whole] * 10, "x", n_boot=50)
+    assert report.variants[0].values["tpot_s"] == pytest.approx([0.01] * 10)
+
+
+def test_backend_timings_round_trip_through_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "samples.jsonl"
+    s = Sample(experiment="e", variant="v", status=200, e2e_s=0.5, stream=False, decode_s=0.3, output_tokens=30)
+    append_sample(log, s)
+    assert read_samples(log.read_text().splitlines(), "e") == ([s], 0)
+
+
+# -- significance at the printed precision --------------------------------------------------------
+
+
+def test_a_difference_that_prints_as_zero_is_never_significant() -> None:
+    # b is 2e-5 s slower than a, consistently: the CI excludes 0, but the table prints +0.0000.
+    rng = random.Random(5)
+    samples = [
+        Sample(experiment="x", variant=v, status=200, ttft_s=0.1, e2e_s=1.0 + shift + rng.gauss(0, 1e-6), completion_tokens=1)
+        for v, shift in (("a", 0.0), ("b", 2e-5))
+        for _ in range(200)
+    ]
+    report = summarize(samples, "x", baseline="a", n_boot=300)
+    (cmp,) = report.comparisons
+    e2e = cmp.median_diff["e2e_s"]
+    assert e2e.low > 0 and f"{e2e.value:+.4f}" == "+0.0000"
+    assert "e2e_s" not in cmp.significant_metrics()
+    line = next(line for line in render_text(report).splitlines() if line.strip().startswith("median e2e_s"))
+    assert "+0.0000" in line and line.endswith("not significant")
+    decision = next(d for d in cmp.decisions if d.metric == "e2e_s")
+    assert decision.better is None and math.isinf(decision.needed_per_variant)
+
+
+def test_an_error_rate_difference_that_prints_as_zero_is_never_significant() -> None:
+    # 40,000 errors in a billion against none: p ~ 0, but the table shows +0.00 pp.
+    z, p = two_proportion_z(0, 10**9, 40_000, 10**9)
+    cmp = ab_report.Comparison("b", "a", {}, 40_000 / 10**9, z, p)
+    assert p < 0.05 and not cmp.error_rate_significant(0.05)
+    assert ab_report.Comparison("b", "a", {}, 0.08, 2.4, 0.017).error_rate_significant(0.05)
+
+
+# -- the decision and its sample sizes ------------------------------------------------------------
+
+
+def test_sample_size_formulas_match_hand_computation() -> None:
+    z_a, z_b = 1.959964, 0.841621  # z_{0.975}, z_{0.8}
+    # Two samples, effect size 1 (delta = sigma): the textbook ~16 per group.
+    assert stats.samples_for_difference(1.0, 1.0, 1.0, alpha=0.05, power=0.8) == pytest.approx(2 * (z_a + z_b) ** 2, rel=1e-5)
+    # Error rates 2 % vs 10 % (Fleiss, no continuity correction).
+    hand = (z_a * math.sqrt(2 * 0.06 * 0.94) + z_b * math.sqrt(0.02 * 0.98 + 0.10 * 0.90)) ** 2 / 0.08**2
+    assert stats.samples_for_proportions(0.02, 0.10, alpha=0.05, power=0.8) == pytest.approx(hand, rel=1e-5)
+    assert math.isinf(stats.samples_for_proportions(0.1, 0.1, alpha=0.05, power=0.8))
+
+
+def test_inconclusive_latency_is_sized_by_a_power_calculation() -> None:
+    # b = a + 10 ms on normal data with sigma 100 ms, 400 each: not significant. The theory for
+    # medians of normal data (variance pi/2 sigma^2 / n): n = (z_a + z_b)^2 * 2 * pi/2 * sigma^2 / delta^2.
+    gen = np.random.default_rng(11)
+    base = 1.0 + 0.1 * gen.standard_normal(400)
+    samples = [Sample(experiment="x", variant="a", status=200, e2e_s=float(t)) for t in base]
+    samples += [Sample(experiment="x", variant="b", status=200, e2e_s=float(t) + 0.01) for t in base]
+    report = summarize(samples, "x", baseline="a", n_boot=2000, seed=3)
+    (cmp,) = report.comparisons
+    assert "e2e_s" not in cmp.significant_metrics()
+    decision = next(d for d in cmp.decisions if d.metric == "e2e_s")
+    theory = (1.959964 + 0.841621) ** 2 * 2 * (math.pi / 2) * 0.1**2 / 0.01**2  # ~2,470
+    assert decision.better is None and 0.6 * theory < decision.needed_per_variant < 1.6 * theory
+    assert decision.more_per_variant == math.ceil(decision.needed_per_variant) - 400
+    assert f"about {decision.more_per_variant:,} more samples per variant would settle it" in render_text(report)
+
+
+def test_the_report_ends_with_its_decision(report: ab_report.Report) -> None:
+    lines = render_text(report).rstrip("\n").splitlines()
+    tail = lines[lines.index(next(line for line in lines if line.startswith("decision"))) :]
+    assert tail[1] == "  paged against control:"
+    assert tail[2].split()[:4] == ["ttft_s", "control", "is", "better"]  # paged is 0.5 s slower to start
+    assert tail[3].split()[:4] == ["tpot_s", "paged", "is", "better"]  # and 12 ms faster per token
+    assert "e2e_s" in tail[4] and "inconclusive (+0.0000 s)" in tail[4]
+    # Error rates 1/12 vs 0/10: Fleiss' n per variant, less the smaller variant's 10.
+    z_a, z_b, p_a = 1.959964, 0.841621, 1 / 12
+    n = (z_a * math.sqrt(2 * (p_a / 2) * (1 - p_a / 2)) + z_b * math.sqrt(p_a * (1 - p_a))) ** 2 / p_a**2
+    assert f"about {math.ceil(n) - 10} more samples per variant would settle it" in tail[5]
+    assert tail[-1] == "    verdict: control better on ttft_s; paged better on tpot_s; inconclusive on e2e_s, error rate"
+
+
+def test_one_variant_has_nothing_to_decide() -> None:
+    text = render_text(summarize(_whole_answers("a", 3, stream=True), "x", n_boot=50))
+    assert text.rstrip().endswith("decision: one variant only, nothing to compare")

@@ -79,9 +79,12 @@ async def test_controller_admits_queues_and_wakes_in_priority_order() -> None:
     gate = asyncio.Event()
 
     async def job(name: str, prio: str) -> None:
-        async with c.slot(prio):
+        ticket = await c.acquire(prio)
+        try:
             order.append(name)
             await gate.wait()
+        finally:
+            c.release(ticket)
 
     first = asyncio.create_task(job("first", "interactive"))
     await asyncio.sleep(0)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from gateway.bench_engine import main, make_workload
+from gateway.bench.engine import main, make_workload
 
 
 def test_workloads_are_seeded_and_shaped() -> None:

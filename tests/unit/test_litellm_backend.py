@@ -15,7 +15,7 @@ import respx
 
 from backends.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ContextLengthExceeded, Overloaded
 from backends.remote.litellm_backend import LiteLLMBackend
-from backends.remote.openai_http import RemoteFailure, UpstreamClientError
+from backends.remote.upstream_errors import RemoteFailure, UpstreamClientError
 from policies.retry import Outcome, classify
 
 MESSAGES_URL = "https://api.anthropic.com/v1/messages"

@@ -1,13 +1,15 @@
-"""Request ids and the body limit, on a bare ASGI app."""
+"""Request ids and the body limit, on a bare ASGI app; the direct route's path matching."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway.fastpath import route_path
 from gateway.middleware import RequestContextMiddleware
 
 
@@ -18,7 +20,7 @@ async def echo(request: Request) -> JSONResponse:
 
 def client() -> httpx.AsyncClient:
     app = Starlette(routes=[Route("/echo", echo, methods=["POST", "GET"])])
-    wrapped = RequestContextMiddleware(app, max_body_bytes=1024)
+    wrapped = RequestContextMiddleware(app, max_body_bytes=lambda: 1024)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://test")
 
 
@@ -45,3 +47,17 @@ async def test_body_limit_by_length_and_by_stream() -> None:
 
         streamed = await c.post("/echo", content=chunks())
         assert streamed.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("root", "path", "routed"),
+    [
+        ("", "/v1/completions", "/v1/completions"),
+        ("/api", "/api/v1/completions", "/v1/completions"),  # mounted under a proxy prefix
+        ("/api", "/api", ""),
+        ("/api", "/apix/v1/completions", "/apix/v1/completions"),  # not under the prefix
+        ("/api", "/v1/completions", "/v1/completions"),
+    ],
+)
+def test_route_path_strips_only_a_whole_root_path(root: str, path: str, routed: str) -> None:
+    assert route_path({"type": "http", "path": path, "root_path": root}) == routed

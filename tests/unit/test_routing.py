@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backends.protocol import LoadReport, Overloaded
+from policies import routing
 from policies.routing import (
     NoReplicaAvailable,
     ReplicaState,
@@ -19,6 +20,7 @@ from policies.routing import (
     register_strategy,
     strategy_names,
 )
+from policies.schema import RouteConfig
 
 REQ = RequestFeatures(model="smollm2-135m", prompt_tokens=40, max_tokens=64)
 
@@ -27,16 +29,24 @@ def pool(*specs: tuple[str, float]) -> list[ReplicaState]:
     return [ReplicaState(name, weight=w) for name, w in specs]
 
 
-def test_registry_knows_the_three_and_rejects_unknown() -> None:
-    assert {"weighted", "round_robin", "least_load"} <= set(strategy_names())
-    assert make_strategy("least_load").name == "least_load"
-    with pytest.raises(ValueError, match="unknown routing strategy 'no_such_strategy'.*least_load"):
+# The strategies a policy may name (docs/configuration.md, docs/routing.md).
+BUILT_IN_STRATEGIES = ["cache_aware", "kv_pressure", "least_load", "prefix_affinity", "round_robin", "weighted"]
+
+
+def test_strategy_registry_holds_exactly_the_built_in_ones_and_rejects_unknown() -> None:
+    assert strategy_names() == BUILT_IN_STRATEGIES
+    for name in BUILT_IN_STRATEGIES:  # each constructs with its defaults, and a policy may name it
+        assert make_strategy(name).name == name
+        assert RouteConfig(model="m", backends=["a"], strategy=name).strategy == name
+    with pytest.raises(ValueError, match="unknown routing strategy 'no_such_strategy'; known: " + ", ".join(BUILT_IN_STRATEGIES)):
         make_strategy("no_such_strategy")
     with pytest.raises(ValueError, match="strategy 'round_robin'"):
         make_strategy("round_robin", seed=1)
 
 
-def test_a_new_strategy_joins_by_registering() -> None:
+def test_a_new_strategy_joins_by_registering(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing, "_STRATEGIES", dict(routing._STRATEGIES))  # registered for this test only
+
     @register_strategy("test_first_listed")
     class FirstListed(Strategy):
         def choose(self, request: RequestFeatures, replicas: list[ReplicaState]) -> str:  # type: ignore[override]

@@ -48,7 +48,7 @@ def test_text_hashes_use_4_chars_per_token_and_are_stable_across_processes() -> 
     h = prefix_block_hashes(text, 16)
     assert len(h) == len(text) // 64
     # str hash() is salted per process; ours must not be (gateways side by side must agree).
-    code = "from policies.routing import prefix_block_hashes as p, chat_prefix_text as c;" f"print(p(c([('system', 'You are terse. ' * 20), ('user', 'hi')]), 16))"
+    code = "from policies.routing import prefix_block_hashes as p, chat_prefix_text as c;" "print(p(c([('system', 'You are terse. ' * 20), ('user', 'hi')]), 16))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
     assert out == str(h)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gateway.app import DEFAULT_CONFIG, load_config
-from policies.schema import ConfigError, parse_config
+from gateway.policy_file import DEFAULT_CONFIG, load_config
+from gateway.registry import OPTIONS_MODELS, backend_options, check_options
+from policies.schema import Config, ConfigError, parse_config
 
 
 def test_default_config_is_valid() -> None:
@@ -62,13 +63,29 @@ def test_routes_and_served_names() -> None:
 
 
 REPO = DEFAULT_CONFIG.parent.parent
-POLICIES = sorted((REPO / "config" / "examples").glob("*.yaml")) + sorted((REPO / "deploy" / "compose").glob("*.yaml"))
+POLICIES = (
+    sorted((REPO / "config").glob("*.yaml"))
+    + sorted((REPO / "config" / "examples").glob("*.yaml"))
+    + sorted((REPO / "deploy" / "compose").glob("*.yaml"))
+)
 
 
-@pytest.mark.parametrize("path", [p for p in POLICIES if p.name != "docker-compose.yml"], ids=lambda p: p.name)
-def test_worked_examples_and_deploy_policies_validate(path) -> None:  # type: ignore[no-untyped-def]
-    config = load_config(path)
-    assert config.backends
+def assert_options_validate(config: Config, text: str, source: str) -> None:
+    """Every backend's options are valid for its kind (the schema itself leaves them open)."""
+    check_options(config, text, source)
+    for backend in config.backends:
+        assert isinstance(backend_options(backend), OPTIONS_MODELS[backend.kind]), backend.name
+
+
+@pytest.mark.parametrize("path", [p for p in POLICIES if p.name != "docker-compose.yml"], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_and_deploy_policies_validate_with_their_options(path) -> None:  # type: ignore[no-untyped-def]
+    assert_options_validate(load_config(path), path.read_text(), str(path))
+
+
+def test_shipped_policies_set_options_that_are_checked() -> None:
+    """The parametrized check above is not vacuous: the shipped files do set options."""
+    configs = [load_config(p) for p in POLICIES]
+    assert {b.kind for c in configs for b in c.backends if b.options} >= {"llamacpp", "paged"}
 
 
 @pytest.mark.parametrize("manifest", ["policy-configmap.yaml", "gpu-node.yaml"])
@@ -77,7 +94,8 @@ def test_kubernetes_configmap_policies_validate(manifest: str) -> None:
     maps = [d for d in documents if d["kind"] == "ConfigMap"]
     assert maps
     for cm in maps:
-        assert parse_config(cm["data"]["config.yaml"], source=manifest).backends
+        text = cm["data"]["config.yaml"]
+        assert_options_validate(parse_config(text, source=manifest), text, manifest)
 
 
 def test_check_command_exit_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -92,21 +110,23 @@ def test_check_command_exit_codes(tmp_path) -> None:  # type: ignore[no-untyped-
 @pytest.mark.parametrize(
     ("backend", "message"),
     [
-        ("{name: a, kind: llamacpp, model: m, options: {n_ctxx: 512}}", "unknown llamacpp backend option(s): n_ctxx"),
-        ("{name: a, kind: paged, model: 'dummy:tiny', options: {block_sise: 8}}", "unknown paged backend option(s): block_sise"),
-        ("{name: a, kind: paged, model: 'dummy:tiny', options: {dtype: fp7}}", "unknown dtype 'fp7'"),
+        ("{name: a, kind: llamacpp, model: m, options: {n_ctxx: 512}}", "backends.0.options.n_ctxx: Extra inputs are not permitted"),
+        ("{name: a, kind: llamacpp, model: m, options: {n_ctx: '512'}}", "backends.0.options.n_ctx: Input should be a valid integer"),
+        ("{name: a, kind: paged, model: 'dummy:tiny', options: {block_sise: 8}}", "backends.0.options.block_sise: Extra inputs are not permitted"),
+        ("{name: a, kind: paged, model: 'dummy:tiny', options: {dtype: fp7}}", "backends.0.options.dtype: Input should be 'auto', 'float32'"),
+        ("{name: a, kind: remote, model: m, url: 'http://127.0.0.1:1', options: {max_connections: many}}",
+         "backends.0.options.max_connections: Input should be a valid integer"),
     ],
 )  # fmt: skip
-def test_check_rejects_what_a_local_backend_cannot_take(tmp_path, capsys, backend: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    """Engine options are checked in the gateway (no model code), so `turnout check` and a
-    reload catch them, not the engine worker at its first request."""
+def test_check_rejects_what_a_backend_cannot_take(tmp_path, capsys, backend: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    """Backend options are checked in the gateway (no model code), so `turnout check` and a
+    reload catch them, not the engine worker at its first request; check names the line."""
     from gateway.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"backends:\n  - {backend}\n")
     assert main(["check", str(bad)]) == 1
-    err = capsys.readouterr().err
-    assert str(bad) in err and message in err
+    assert f"{bad}:2: {message}" in capsys.readouterr().err
 
 
 def test_fallback_cycles_and_unknown_strategies_are_rejected() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import simulator
-from gateway.sim_engine import EngineCosts, SimReplica, SimRequest
-from gateway.simulator import SimConfig, run_workload
+from gateway.sim import simulator
+from gateway.sim.engine import EngineCosts, SimReplica, SimRequest
+from gateway.sim.simulator import ROUTE_BLOCKS, SimConfig, Simulation, run_workload
 from policies.routing import prefix_block_hashes
 
 SMALL = SimConfig(replicas=3, load=1.0, duration_s=60.0, warmup_s=15.0, seed=3)
@@ -76,3 +76,17 @@ def test_main_prints_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str
     png = tmp_path / "sim-poisson.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert simulator.main(["--strategy", "no_such_strategy", "--no-plot"]) == 2
+
+
+def test_the_router_hashes_at_most_route_blocks() -> None:
+    # The default is what the published figures used (512), not the gateway's default (64).
+    assert SimConfig().route_blocks == ROUTE_BLOCKS == 512
+    long_prompt = request(0, list(range(160 * 16)), 4)  # 160 full blocks
+    seen: list[int] = []
+    for blocks in (ROUTE_BLOCKS, 64):
+        sim = Simulation(dataclasses.replace(SMALL, route_blocks=blocks), [long_prompt], "cache_aware")
+        choose = sim.strategy.choose
+        sim.strategy.choose = lambda features, states: seen.append(len(features.prefix_hashes)) or choose(features, states)  # type: ignore[method-assign]
+        sim._dispatch(sim.requests[0], sim.admission.offer(0.0, 4, simulator.Priority(0), 30.0).ticket)
+        assert sim.strategy.max_blocks == blocks
+    assert seen == [160, 64]

@@ -8,9 +8,7 @@ from typing import Any
 
 import pytest
 
-import torch
-
-from backends.paged.engine import LLMEngine  # noqa: E402
+from backends.paged.engine import LLMEngine
 
 
 def assert_blocks_all_free(engine: LLMEngine) -> None:

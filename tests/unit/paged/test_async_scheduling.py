@@ -58,11 +58,11 @@ def test_async_with_decode_graphs_equals_sync(make_engine) -> None:
 
     def run(asy: bool):
         engine = make_engine(num_blocks=40, block_size=4, max_num_batched_tokens=16, max_num_seqs=7, watermark=0.0, async_scheduling=asy)
-        engine.graphs = DecodeGraphRunner(
-            engine.model, engine.cache, max_batch=7, max_blocks_per_seq=-(-engine.max_model_len // 4),
+        engine.runner.graphs = DecodeGraphRunner(
+            engine.runner.model, engine.runner.cache, max_batch=7, max_blocks_per_seq=-(-engine.max_model_len // 4),
             max_context=engine.max_model_len, splits_for=lambda b, ctx: 1,
         )  # fmt: skip
-        _capture_without_cuda(engine.graphs)
+        _capture_without_cuda(engine.runner.graphs)
         out = collect(engine, reqs)
         assert engine.counters.graph_steps > 0
         return out

@@ -7,13 +7,11 @@ import asyncio
 
 import pytest
 
+from backends.generation import GenerationRequest, SamplingParams
+from backends.paged.backend import PagedBackend
+from backends.protocol import Backend, ChatCompletionRequest, CompletionRequest, ContextLengthExceeded, LoadReport
 
-
-from backends.generation import GenerationRequest, SamplingParams  # noqa: E402
-from backends.paged.backend import PagedBackend  # noqa: E402
-from backends.protocol import Backend, ChatCompletionRequest, CompletionRequest, ContextLengthExceeded, LoadReport  # noqa: E402
-
-from .conftest import assert_blocks_all_free  # noqa: E402
+from .conftest import assert_blocks_all_free
 
 
 @pytest.fixture
@@ -107,3 +105,31 @@ async def test_concurrent_requests_and_stats(backend: PagedBackend) -> None:
 def test_unknown_option_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown paged backend option"):
         PagedBackend(name="x", model="dummy:tiny", block_sise=8)
+
+
+async def test_start_builds_through_from_model_with_what_init_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One construction path (LLMEngine.from_model), and the shape and tokenizer read at
+    __init__ are reused: a GGUF's metadata is not parsed a second time at start()."""
+    import backends.paged.engine as engine_module
+
+    b = PagedBackend(name="tiny", model="dummy:tiny", num_blocks=16, block_size=4, max_num_seqs=2)
+    built = []
+    real = engine_module.LLMEngine.from_model.__func__
+
+    def from_model(cls, *args, **kwargs):
+        engine = real(cls, *args, **kwargs)
+        built.append(engine)
+        return engine
+
+    def no_second_read(source):
+        raise AssertionError("the config and tokenizer were read again")
+
+    monkeypatch.setattr(engine_module.LLMEngine, "from_model", classmethod(from_model))
+    monkeypatch.setattr(engine_module, "load_config_and_tokenizer", no_second_read)
+    await b.start()
+    try:
+        assert built == [b.engine] and b.engine.config is b._config and b.engine.tokenizer is b._tokenizer
+        assert b.engine.options is b.options and b.engine.block_manager.num_blocks == 16
+    finally:
+        await b.close()
+    assert_blocks_all_free(b.engine)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backends.generation import SamplingParams
-from backends.paged.block_manager import BlockManager
+from backends.paged.block_manager import BlockManager, chain_hash
 from backends.paged.sequence import Sequence
 
 
@@ -104,3 +104,30 @@ def test_watermark_applies_to_admission_only() -> None:
     assert bm.can_allocate(95, watermark=True)
     assert not bm.can_allocate(96, watermark=True)
     assert bm.can_allocate(100)
+
+
+def test_a_64_bit_hash_collision_is_no_prefix_hit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached block is found by its chain digest alone, so a digest collision would hand one
+    request another prefix's KV. Python's hash() is 64 bits: make every call to it in the
+    block manager collide, and two different prompts must still share nothing."""
+    import backends.paged.block_manager as block_manager
+
+    monkeypatch.setattr(block_manager, "hash", lambda _value: 0, raising=False)
+    bm = BlockManager(16, 4)
+    a = seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "a")
+    compute(bm, a)
+    b = seq([9, 8, 7, 6, 5, 4, 3, 2, 1], "b")
+    assert bm.match_prefix(b) == 0
+    assert b.block_table == []
+    bm.free(a)
+    bm.free(b)
+    bm.check_invariants()
+
+
+def test_chain_digest_covers_parent_and_tokens() -> None:
+    first = chain_hash(None, [1, 2, 3, 4])
+    assert len(first) == 32 and chain_hash(None, [1, 2, 3, 4]) == first  # deterministic
+    assert chain_hash(None, [1, 2, 3, 5]) != first
+    assert chain_hash(first, [1, 2, 3, 4]) != first  # same tokens, another parent
+    # Fixed-width ids: [1, 23] and [12, 3] do not run together into one byte string.
+    assert chain_hash(None, [1, 23]) != chain_hash(None, [12, 3])

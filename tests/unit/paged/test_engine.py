@@ -7,13 +7,11 @@ import random
 
 import pytest
 
-import torch
+from backends.generation import GenerationRequest, SamplingParams
+from backends.paged.engine import LLMEngine
+from backends.protocol import ContextLengthExceeded, InvalidRequest
 
-from backends.generation import GenerationRequest, SamplingParams  # noqa: E402
-from backends.paged.engine import LLMEngine  # noqa: E402
-from backends.protocol import ContextLengthExceeded, InvalidRequest  # noqa: E402
-
-from .conftest import assert_blocks_all_free  # noqa: E402
+from .conftest import assert_blocks_all_free
 
 
 def prompts(n: int, seed: int = 0, lo: int = 5, hi: int = 30) -> list[list[int]]:
@@ -103,6 +101,23 @@ def test_stop_string_never_leaks(make_engine) -> None:
         deltas += [o.delta for o in engine.step()]
     assert "".join(d.text for d in deltas) == ""
     assert deltas[-1].finish_reason == "stop" and len(deltas) == 2
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stop_string_on_the_last_token_wins_over_length(make_engine, async_scheduling: bool) -> None:
+    """The scheduler ends the sequence with "length"; the text then shows a stop string on the
+    same token, which makes it "stop", with the partial stop text held back, not flushed."""
+    engine = make_engine(num_blocks=64, block_size=4, async_scheduling=async_scheduling)
+    a, b = ord("a") + 3, ord("b") + 3
+    engine.add_request(GenerationRequest("s", [1, 50], SamplingParams(max_tokens=2, temperature=0.0, logit_bias={a: 100.0}, stop=["aa"])))
+    engine.add_request(GenerationRequest("t", [1, 51], SamplingParams(max_tokens=2, temperature=0.0, logit_bias={b: 100.0}, stop=["bbb"])))
+    deltas: dict[str, list] = {"s": [], "t": []}
+    while engine.has_unfinished():
+        for o in engine.step():
+            deltas[o.request_id].append(o.delta)
+    assert [d.finish_reason for d in deltas["s"]] == [None, "stop"] and "".join(d.text for d in deltas["s"]) == ""
+    # No stop string by the end: length, and the held-back "bb" is flushed.
+    assert [d.finish_reason for d in deltas["t"]] == [None, "length"] and "".join(d.text for d in deltas["t"]) == "bb"
 
 
 def test_stop_token_ids_eos_ignore_eos_and_length(make_engine) -> None:

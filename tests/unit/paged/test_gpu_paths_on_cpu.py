@@ -78,11 +78,11 @@ def test_decode_graph_runner_padding_leaves_tokens_unchanged(make_engine) -> Non
     def run(with_graphs: bool) -> tuple[dict[str, list[int]], int]:
         engine = make_engine(num_blocks=40, block_size=4, max_num_batched_tokens=16, max_num_seqs=7, watermark=0.0)
         if with_graphs:
-            engine.graphs = DecodeGraphRunner(
-                engine.model, engine.cache, max_batch=7, max_blocks_per_seq=-(-engine.max_model_len // 4),
+            engine.runner.graphs = DecodeGraphRunner(
+                engine.runner.model, engine.runner.cache, max_batch=7, max_blocks_per_seq=-(-engine.max_model_len // 4),
                 max_context=engine.max_model_len, splits_for=lambda b, ctx: 1,
             )  # fmt: skip
-            _capture_without_cuda(engine.graphs)
+            _capture_without_cuda(engine.runner.graphs)
         reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for i, p in enumerate(ps)]
         out = engine.generate_sync(reqs)
         assert_blocks_all_free(engine)

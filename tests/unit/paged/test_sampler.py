@@ -8,8 +8,8 @@ import pytest
 
 import torch
 
-from backends.generation import SamplingParams  # noqa: E402
-from backends.paged.sampler import SamplerState, apply_penalties_and_bias, sample, truncate  # noqa: E402
+from backends.generation import SamplingParams
+from backends.paged.sampler import SamplerState, apply_penalties_and_bias, sample, truncate
 
 
 def state(prompt: list[int] | None = None, output: list[int] | None = None, **kw) -> SamplerState:

@@ -1,11 +1,13 @@
-"""Scheduler: token budget, chunked prefill, running cap, FCFS within priority, preemption."""
+"""Scheduler: token budget, chunked prefill, running cap, FCFS within priority, preemption,
+and progress (placeholders at launch, tokens, stop and length finishing)."""
 
 from __future__ import annotations
 
 from backends.generation import SamplingParams
 from backends.paged.block_manager import BlockManager
+from backends.paged.model_runner import RunnerOutput
 from backends.paged.scheduler import Scheduler
-from backends.paged.sequence import Sequence, SeqStatus
+from backends.paged.sequence import PENDING, Sequence, SeqStatus
 
 
 def seq(n: int, rid: str, priority: int = 0) -> Sequence:
@@ -85,3 +87,61 @@ def test_preemption_is_latest_first_and_keeps_the_request() -> None:
     sched.remove(a)
     out = sched.schedule()  # b comes back and recomputes prompt + output
     assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("b", 5)]
+
+
+def launch_and_sample(sched: Scheduler, out, token: int) -> list:
+    """As the engine does: launch the plan, then give every sampling sequence `token`."""
+    sched.update_after_launch(out)
+    seqs = [s.seq for s in out.scheduled if s.samples]
+    return sched.update_from_output(RunnerOutput(seqs, [token] * len(seqs), [None] * len(seqs)))
+
+
+def test_progress_placeholders_then_tokens() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    a = seq(6, "a")
+    sched.add(a)
+    out = sched.schedule()
+    sched.update_after_launch(out)
+    # Launched, not read back: the token has a place, and the next plan is a decode over it.
+    assert a.num_computed == 6 and a.output_ids == [PENDING] and a.num_pending == 1
+    assert len(a.block_hashes) == 1  # the one full block of known tokens is registered
+    nxt = sched.schedule()
+    assert [(s.seq.request_id, s.num_tokens, s.samples) for s in nxt.scheduled] == [("a", 1, True)]
+    new = sched.update_from_output(RunnerOutput([a], [42], [None]))
+    assert [(t.token_id, t.index, t.finish_reason) for t in new] == [(42, 0, None)]
+    assert a.output_ids == [42] and a.num_pending == 0
+
+
+def test_stop_token_and_length_finish_and_free() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, max_model_len=9)
+    stop = seq(3, "stop")
+    stop.stop_token_ids = frozenset({2})
+    short = Sequence("short", [1, 2, 3], SamplingParams(max_tokens=2))
+    ctx = seq(7, "ctx")  # 7 prompt tokens + 2 outputs reach max_model_len 9
+    for s in (stop, short, ctx):
+        sched.add(s)
+    new = launch_and_sample(sched, sched.schedule(), 5)
+    assert [t.finish_reason for t in new] == [None, None, None]
+    assert short.final_pending is False
+    out = sched.schedule()
+    sched.update_after_launch(out)
+    assert short.final_pending and ctx.final_pending  # their next token is their last
+    # stop still decodes; short and ctx wait for their last token instead of running again.
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["stop"]
+    new = sched.update_from_output(RunnerOutput([stop, short, ctx], [2, 5, 5], [None] * 3))
+    assert [(t.seq.request_id, t.finish_reason) for t in new] == [("stop", "stop"), ("short", "length"), ("ctx", "length")]
+    assert all(s.status is SeqStatus.FINISHED for s in (stop, short, ctx))
+    assert not sched.has_work() and bm.num_free_blocks == 64
+    bm.check_invariants()
+
+
+def test_tokens_of_a_finished_sequence_are_dropped() -> None:
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    a = seq(3, "a")
+    sched.add(a)
+    sched.update_after_launch(sched.schedule())
+    sched.remove(a)  # aborted while its token was in flight
+    assert sched.update_from_output(RunnerOutput([a], [9], [None])) == []
+    assert a.output_ids == [PENDING]

@@ -7,8 +7,8 @@ import pytest
 
 import torch
 
-from backends.paged.tokenizer import ByteTokenizer, IncrementalDetokenizer  # noqa: E402
-from backends.paged.weights import unpermute_rope_rows  # noqa: E402
+from backends.paged.tokenizer import ByteTokenizer, IncrementalDetokenizer
+from backends.paged.weights import unpermute_rope_rows
 
 
 def test_incremental_detokenizer_never_splits_a_character() -> None:

@@ -9,7 +9,7 @@ pipelining-safe. It answers
   `max_tokens` (default 16) tokens of "tok", at once or at `--tokens-per-s`;
 - `GET /v1/models`, `GET /metrics` (vLLM-named load gauges, all idle), `GET /healthz`.
 
-    .venv/bin/python tests/perf/fake_upstream.py --port 9100 [--tokens-per-s 0] [--model fake]
+    .venv/bin/python -m gateway.bench.fake_upstream --port 9100 [--tokens-per-s 0] [--model fake]
 
 Loopback only by default (it has no auth).
 """

@@ -2,7 +2,7 @@
 LiteLLM proxy, measured in one run on one machine.
 
 The same load (`turnout bench serve`, aiohttp client, closed loop) against
-  (a) upstream  the fake OpenAI upstream directly (tests/perf/fake_upstream.py, tokens at once);
+  (a) upstream  the fake OpenAI upstream directly (gateway/bench/fake_upstream.py, tokens at once);
   (b) turnout   `turnout serve`, one worker: API key auth (Redis key store), Redis rate limits
                 (key and tenant, RPM and TPM, a real redis-server on loopback), a route with
                 least_load routing, retries and admission control over a remote backend,
@@ -11,7 +11,7 @@ The same load (`turnout bench serve`, aiohttp client, closed loop) against
 For each, streamed and not: concurrency 1 (latency: added p50/p99 = target - upstream) and a
 concurrency sweep (the highest requests/s whose e2e p99 stays under 100 ms).
 
-    .venv/bin/python tests/perf/bench_gateway_overhead.py [--quick] [--only upstream,turnout]
+    .venv/bin/python -m gateway.bench.gateway_overhead [--quick] [--only upstream,turnout]
         [--json out/overhead.json] [--plot out/overhead.png]
 
 LiteLLM proxy lives in its own virtualenv (.bench-venv, git-ignored), created here when
@@ -36,15 +36,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+import httpx
+import yaml
 
-import httpx  # noqa: E402
-import yaml  # noqa: E402
-
-from gateway.bench_serve import BenchConfig, best_under, format_table, plot, run_bench  # noqa: E402
-from gateway.keys import RedisKeyStore, new_key  # noqa: E402
-from tests.conftest import RedisServer, free_port  # noqa: E402
+from gateway.bench.harness import REPO, RedisServer, free_port
+from gateway.bench.serve import BenchConfig, best_under, format_table, plot, run_bench
+from gateway.keys import RedisKeyStore, new_key
 
 BENCH_VENV = REPO / ".bench-venv"
 MODEL = "fake"
@@ -212,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream_url = f"http://127.0.0.1:{up_port}/v1"
     results: dict[str, dict[str, Any]] = {}
     try:
-        with _process([py, "tests/perf/fake_upstream.py", "--port", str(up_port), "--model", MODEL], work / "upstream.log") as up:
+        with _process([py, "-m", "gateway.bench.fake_upstream", "--port", str(up_port), "--model", MODEL], work / "upstream.log") as up:
             _wait_ready(f"http://127.0.0.1:{up_port}/healthz", up, work / "upstream.log", 20)
             for target in targets:
                 print(f"== {target}", file=sys.stderr)

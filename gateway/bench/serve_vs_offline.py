@@ -1,13 +1,13 @@
 """Benchmark (a program, not a test): the paged engine served over HTTP against the same
 engine offline, on one GPU, in one run.
 
-For each shape: `gateway.bench_engine` offline (N requests at once, fixed prompt and output
+For each shape: `gateway.bench.engine` offline (N requests at once, fixed prompt and output
 lengths, random weights), then `turnout serve` with one `kind: paged` backend on the same
 shape (its engine in a worker process of its own, `preload: true`) loaded by
 `turnout bench serve` at concurrency N, streamed and not, with `ignore_eos` so that every
 answer is exactly `--output-len` tokens. Prints output tok/s of each and the ratio.
 
-    python3 tests/perf/bench_serve_vs_offline.py --shapes smollm2-135m,llama3-8b --json out.json
+    python3 -m gateway.bench.serve_vs_offline --shapes smollm2-135m,llama3-8b --json out.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def offline(shape: str, args: argparse.Namespace, out: Path) -> float:
 
 
 def _offline_once(shape: str, args: argparse.Namespace, out: Path) -> float:
-    cmd = [sys.executable, "-m", "gateway.bench_engine", "--shape", shape, "--no-transformers", "--num-requests", str(args.concurrency),
+    cmd = [sys.executable, "-m", "gateway.bench.engine", "--shape", shape, "--no-transformers", "--num-requests", str(args.concurrency),
            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--device", args.device, "--json", str(out)]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, timeout=900)
     return float(json.loads(out.read_text())["engine"]["output_tok_s"])
@@ -66,7 +66,7 @@ def served(shape: str, args: argparse.Namespace, workdir: Path) -> dict[str, flo
             time.sleep(1)
         for mode in ("stream", "whole"):
             report = workdir / f"{shape}-{mode}.json"
-            cmd = [sys.executable, "-m", "gateway.bench_serve", "--url", f"http://127.0.0.1:{args.port}/v1", "--model", "m",
+            cmd = [sys.executable, "-m", "gateway.bench.serve", "--url", f"http://127.0.0.1:{args.port}/v1", "--model", "m",
                    "--endpoint", "completions", "--concurrency", str(args.concurrency), "--requests", str(args.concurrency * args.rounds),
                    "--warmup", str(args.concurrency), "--max-tokens", str(args.output_len), "--prompt-tokens", str(args.input_len // 4),
                    "--ignore-eos", "--timeout", "600", "--no-progress", "--json", str(report)] + (["--stream"] if mode == "stream" else [])  # fmt: skip

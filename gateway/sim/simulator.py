@@ -6,11 +6,17 @@ policies/routing.py, the admission queue of policies/admission.py, and the LoadT
 gateway/load_tracker.py (on the simulation's clock), which sees each replica's LoadReport
 the way the gateway does: a scrape every 500 ms, the `endpoint-load-metrics` header when a
 response starts, and its own reservations in between. The replicas are modelled in
-gateway/sim_engine.py and the workloads in gateway/sim_workloads.py; docs/routing.md states
+gateway/sim/engine.py and the workloads in gateway/sim/workloads.py; docs/routing.md states
 the model's assumptions.
 
     turnout sim                       # every workload, every strategy; prints and plots
     turnout sim --workload multiturn --load 0.8 --out docs/figures
+
+The router hashes at most `--route-blocks` leading blocks of a prompt (default 512 = 8,192
+tokens, what the published figures in docs/benchmarks.md used: their command passes no
+such flag). That is more than a gateway hashes by default: a route's
+`prefix_hashing.max_blocks` is 64 (1,024 tokens) unless the policy sets it; pass
+`--route-blocks 64` to simulate a gateway on its defaults.
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gateway.load_tracker import LoadTracker, Reservation
-from gateway.sim_engine import EngineCosts, SimReplica, SimRequest
-from gateway.sim_workloads import WORKLOADS, build_workload
+from gateway.sim.engine import EngineCosts, SimReplica, SimRequest
+from gateway.sim.workloads import WORKLOADS, build_workload
 from policies.admission import AdmissionConfig, AdmissionQueue, Priority, Ticket, Verdict
 from policies.routing import CacheAwareStrategy, ReplicaState, RequestFeatures, Strategy, make_strategy
 
 BASELINES = ["round_robin", "least_load"]
 STRATEGIES = [*BASELINES, "kv_pressure", "prefix_affinity", "cache_aware", "oracle"]
-MAX_ROUTE_BLOCKS = 512  # the gateway hashes at most this many leading blocks per request
+# Leading blocks the simulated router hashes per request: a route's `prefix_hashing.max_blocks`
+# (the gateway's default is 64; the published figures used this value, see the docstring).
+ROUTE_BLOCKS = 512
 
 
 class OracleStrategy(CacheAwareStrategy):
@@ -54,10 +62,10 @@ class OracleStrategy(CacheAwareStrategy):
         pass  # it reads the caches themselves
 
 
-def make_sim_strategy(name: str, replicas: dict[str, SimReplica], costs: EngineCosts, seed: int) -> Strategy:
+def make_sim_strategy(name: str, replicas: dict[str, SimReplica], costs: EngineCosts, seed: int, route_blocks: int = ROUTE_BLOCKS) -> Strategy:
     """The strategy under test, with the parameters ops would set for this pool: the
-    router's prefix index sized to a replica's KV blocks."""
-    prefix = {"max_prefixes_per_replica": costs.kv_blocks, "max_blocks": MAX_ROUTE_BLOCKS}
+    router's prefix index sized to a replica's KV blocks, hashing `route_blocks` blocks."""
+    prefix = {"max_prefixes_per_replica": costs.kv_blocks, "max_blocks": route_blocks}
     if name == "oracle":
         return OracleStrategy(replicas, default_max_running=costs.max_running, **prefix)
     if name == "cache_aware":
@@ -99,6 +107,7 @@ class SimConfig:
     warmup_s: float = 50.0  # arrivals before this are not measured (caches and queues fill)
     seed: int = 0
     scrape_interval_s: float = 0.5
+    route_blocks: int = ROUTE_BLOCKS  # leading blocks hashed per request (prefix_hashing.max_blocks)
     costs: EngineCosts = EngineCosts()
     admission: AdmissionConfig = AdmissionConfig(max_queue=4096, default_deadline_s=30.0)
 
@@ -117,7 +126,7 @@ class Simulation:
         self.by_name = {r.name: r for r in self.replicas}
         self.names = [r.name for r in self.replicas]
         self.strategy_name = strategy
-        self.strategy = make_sim_strategy(strategy, self.by_name, config.costs, config.seed)
+        self.strategy = make_sim_strategy(strategy, self.by_name, config.costs, config.seed, config.route_blocks)
         self.tracker = LoadTracker(clock=lambda: self.now, default_block_size=config.costs.block_size)
         self.admission = AdmissionQueue(config.admission)
         self._events: list[tuple[float, int, int, int]] = []
@@ -171,7 +180,7 @@ class Simulation:
         bs = self.cfg.costs.block_size
         features = RequestFeatures(
             model="sim", prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens, priority=req.priority,
-            prefix_hashes=req.hashes[: min(req.prompt_tokens // bs, MAX_ROUTE_BLOCKS)],
+            prefix_hashes=req.hashes[: min(req.prompt_tokens // bs, self.cfg.route_blocks)],
         )  # fmt: skip
         name = self.strategy.choose(features, self.tracker.replica_states(self.names))
         replica = self.by_name[name]
@@ -397,6 +406,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=50.0, help="seconds of arrivals not measured")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-blocks", type=int, default=EngineCosts.kv_blocks, help="KV blocks per replica (16 tokens each)")
+    p.add_argument(
+        "--route-blocks", type=int, default=ROUTE_BLOCKS,
+        help=f"leading blocks the router hashes per request (default {ROUTE_BLOCKS}; a gateway route's prefix_hashing.max_blocks defaults to 64)",
+    )  # fmt: skip
     p.add_argument("--out", default="sim-out", help="directory for the PNG figures")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="workloads simulated in parallel")
@@ -413,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"turnout sim: unknown strategies {unknown}", file=sys.stderr)
         return 2
     costs = dataclasses.replace(EngineCosts(), kv_blocks=args.kv_blocks)
-    config = SimConfig(replicas=args.replicas, load=args.load, duration_s=args.duration, warmup_s=args.warmup, seed=args.seed, costs=costs)
+    config = SimConfig(replicas=args.replicas, load=args.load, duration_s=args.duration, warmup_s=args.warmup, seed=args.seed, costs=costs,
+                       route_blocks=args.route_blocks)
     started = time.perf_counter()
     jobs = [(w, strategies, config, args.load_basis) for w in workloads]
     if args.jobs > 1 and len(jobs) > 1:
@@ -430,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n== {workload}: {WORKLOADS[workload]}")
         print(
             f"   {config.replicas} replicas, load {config.load:.0%} of {args.load_basis} capacity "
-            f"(= {run.nocache_load:.2f} in no-cache units), {results[0].requests} requests measured, seed {config.seed}"
+            f"(= {run.nocache_load:.2f} in no-cache units), {results[0].requests} requests measured, seed {config.seed}, router hashes <= {config.route_blocks} blocks"
         )
         print(format_table(results))
         checks = target_check(results)

@@ -6,7 +6,7 @@
    answers at once) with auth+limits off, on in-process (file keys), on over Redis (Redis
    keys; the revocation check rides in the same round trip).
 
-    .venv/bin/python tests/perf/bench_limits.py [--n 3000]
+    .venv/bin/python -m gateway.bench.limits [--n 3000]
 
 Starts its own redis-server on a free loopback port (needs `redis-server` on PATH).
 """
@@ -18,23 +18,20 @@ import asyncio
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import httpx
 
-import httpx  # noqa: E402
-
-import gateway.registry  # noqa: E402
-from backends.protocol import ChatChoice, ChatCompletion, LoadReport, ModelCard, ResponseMessage, Usage  # noqa: E402
-from gateway.app import create_app  # noqa: E402
-from gateway.keys import FileKeyStore, RedisKeyStore, new_key  # noqa: E402
-from gateway.ratelimit import InProcessStore, RedisStore, buckets_for, redis_client  # noqa: E402
-from policies.ratelimit import decide  # noqa: E402
-from policies.schema import LimitSpec, parse_config  # noqa: E402
-from tests.conftest import RedisServer, free_port  # noqa: E402
+import gateway.registry
+from backends.protocol import ChatChoice, ChatCompletion, LoadReport, ModelCard, ResponseMessage, Usage
+from gateway.app import create_app
+from gateway.bench.harness import RedisServer, free_port
+from gateway.keys import FileKeyStore, RedisKeyStore, new_key
+from gateway.ratelimit import InProcessStore, RedisStore, buckets_for, redis_client
+from policies.ratelimit import decide
+from policies.schema import LimitSpec, parse_config
 
 BIG = LimitSpec(rpm=10**9, tpm=10**12)  # never denies: we time the decision, not 429s
 
@@ -110,7 +107,7 @@ async def bench_decisions(n: int, redis_url: str) -> None:
 
 
 async def bench_requests(n: int, redis_url: str, tmp: Path) -> None:
-    gateway.registry.build_backend = lambda cfg: StubBackend(cfg.name, cfg.model_id())  # type: ignore[assignment]
+    gateway.registry.build_backend = lambda cfg, residency=None: StubBackend(cfg.name, cfg.model_id())  # type: ignore[assignment]
     backends = "backends: [{name: stub, kind: llamacpp, model: stub-model}]\n"
     limits = "limits: {key: {rpm: 1000000000, tpm: 1000000000000}, tenant: {rpm: 1000000000, tpm: 1000000000000}}\n"
     file_secret, record = new_key("bench")
@@ -141,7 +138,7 @@ async def bench_requests(n: int, redis_url: str, tmp: Path) -> None:
                 t = time.perf_counter()
                 await client.post("/v1/chat/completions", json=body, headers=headers)
                 samples.append(time.perf_counter() - t)
-        await app.state.limiter.close()
+        await app.state.runtime.snapshot.limiter.close()  # no lifespan under ASGITransport: close it here
         report(label, samples)
         results[label] = pct(samples, 0.5)
     base = results[modes[0][0]]

@@ -18,7 +18,7 @@ vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total deltas, in prompt
 time to first token at the client (first SSE chunk with text) p50 / p99, the workload's
 wall time and how many requests each node got.
 
-    .venv/bin/python tests/perf/bench_routing_live.py [--json docs/figures/routing_live.json]
+    .venv/bin/python -m gateway.bench.routing_live [--json docs/figures/routing_live.json]
 
 A variant with other weights runs beside the defaults as LABEL=STRATEGY, its parameters
 under LABEL: `--strategies round_robin,cache_aware,ca_p3=cache_aware --strategy-params
@@ -40,13 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-import httpx  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from tests.conftest import Server, start_server  # noqa: E402
-from tests.perf.machine import cpu_name  # noqa: E402
+from gateway.bench.harness import Server, start_server
+from gateway.bench.machine import cpu_name
 
 STRATEGIES = ("round_robin", "least_load", "prefix_affinity", "cache_aware")
 SERVED = "smol"  # the nodes' model id

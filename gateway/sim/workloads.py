@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.sim_engine import EngineCosts, SimRequest
+from gateway.sim.engine import EngineCosts, SimRequest
 from policies.admission import Priority
 from policies.routing import prefix_block_hashes
 

@@ -10,7 +10,7 @@ of tokens greedily, and reports prompt-eval and decode tokens per second.
     CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
         .venv/bin/pip wheel --no-deps --no-cache-dir -w /tmp/native-wh llama-cpp-python==0.3.36
     .venv/bin/python -m zipfile -e /tmp/native-wh/llama_cpp_python-0.3.36-*.whl /tmp/native-site
-    .venv/bin/python tests/perf/bench_llamacpp_build.py --native /tmp/native-site --reps 12 --threads 1
+    .venv/bin/python -m gateway.bench.llamacpp_build --native /tmp/native-site --reps 12 --threads 1
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from tests.perf.machine import cpu_name  # noqa: E402
+from gateway.bench.harness import REPO
+from gateway.bench.machine import cpu_name
 
 PROMPT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp, a "

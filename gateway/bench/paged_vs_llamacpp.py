@@ -4,7 +4,7 @@ Not a test: a program. For each concurrency C it fires C completion requests at 
 (distinct prompts, greedy, ignore_eos, fixed max_tokens) through each backend's Backend
 protocol and reports completion tokens per wall-clock second.
 
-    .venv/bin/python tests/perf/bench_paged_vs_llamacpp.py --model smollm2-135m --threads 2
+    .venv/bin/python -m gateway.bench.paged_vs_llamacpp --model smollm2-135m --threads 2
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.perf.machine import cpu_name  # noqa: E402
+from gateway.bench.machine import cpu_name
 
 TOPICS = [
     "the history of tea", "how rainbows form", "a day on a sailing ship", "why cats purr",

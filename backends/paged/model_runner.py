@@ -1,0 +1,219 @@
+"""The model runner: one scheduler plan in, one forward pass and its sampled tokens out.
+
+It owns everything on the device: the decoder and its kernels, the KV pool (sized here, by a
+profiling pass on CUDA), the decode CUDA graphs, each step's inputs and the sampler calls.
+It reads the plan's sequences and leaves their progress (computed counts, output tokens,
+finishing) to the scheduler, which gets the `RunnerOutput` that `collect` returns; the one
+thing it keeps on a sequence is its own sampler state (`Sequence.sampler`: seeded generator,
+penalty history).
+
+A step is launched (`execute`) and collected (`collect`) in two calls so that the engine can
+plan and launch the next step while the device still runs this one (async scheduling): the
+ids sampled on the device stay there as the next step's inputs, and are copied into a pinned
+host buffer that `collect` reads after an event, the step's one sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from backends.paged.attention import TorchPagedAttention
+from backends.paged.config import ModelConfig
+from backends.paged.kv_cache import KVCache, num_blocks_for_budget
+from backends.paged.memory_profile import profile_num_blocks
+from backends.paged.model import LlamaModel, TorchOps
+from backends.paged.options import EngineOptions
+from backends.paged.sampler import Sample, sample_batch, sample_tokens_device
+from backends.paged.scheduler import ScheduledSeq, SchedulerOutput
+from backends.paged.sequence import PENDING, Sequence, SeqStatus
+from backends.paged.step_inputs import StepInputs, build_step_inputs, to_device
+from backends.paged.weights import ModelWeights
+
+
+@dataclass
+class StepInfo:
+    """What the last step ran (benchmarks read it to split prefill from decode time)."""
+
+    num_prefill_tokens: int
+    num_decodes: int
+    context_tokens: int  # tokens of KV the step's attention read, summed over sequences
+    graph: bool
+
+
+@dataclass
+class RunnerOutput:
+    """A step's sampled tokens, one per sequence that sampled and is still live, in row order."""
+
+    seqs: list[Sequence]
+    token_ids: list[int]
+    samples: list[Sample | None]  # the host sampler's results (logprobs); None for device rows
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward pass (and device sampling, where it applies) has been launched."""
+
+    rows: list[Sequence]  # the sequences that sample, by logits row
+    tokens: torch.Tensor | None  # [n] int64 on the device; None: the host sampler decides at collect
+    logits: torch.Tensor | None  # kept for the host sampler only
+    host: torch.Tensor | None  # pinned [>= n] int64 the device tokens are copied into
+    event: Any  # torch.cuda.Event recorded after that copy (None on CPU)
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the tokens were decided on the device (so collecting them can wait a step)."""
+        return self.tokens is not None
+
+
+def split_prefills_decodes(scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+    """(prefill chunks, decodes). A decode computes a sequence's last token (and samples); a
+    one-token chunk cut short by the step's budget is a prefill chunk, not a decode."""
+    prefills, decodes = [], []
+    for s in scheduled:
+        (decodes if s.num_tokens == 1 and s.samples else prefills).append(s)
+    return prefills, decodes
+
+
+class ModelRunner:
+    """The device half of the engine. Not thread-safe: the engine's thread drives it."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, options: EngineOptions) -> None:
+        self.config = config
+        self.options = options
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        bs = options.block_size
+        self.kernels = options.kernel_kind(self.device)
+        if self.kernels == "triton":
+            from backends.paged.attention import TritonPagedAttention
+            from backends.paged.triton_ops import TritonOps
+
+            attention: Any = TritonPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
+            ops: Any = TritonOps()
+        else:
+            attention, ops = TorchPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim), TorchOps()
+        max_positions = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.model: LlamaModel | None = LlamaModel(config, weights, max_positions, attention=attention, ops=ops)
+        if options.num_blocks is not None:
+            num_blocks = options.num_blocks
+        elif self.device.type == "cuda":
+            # vLLM's recipe: run the largest step once, then give the KV pool what is left of
+            # gpu_memory_utilization after weights, that step's activations and the graphs.
+            num_blocks = profile_num_blocks(self.model, config, options, self.dtype)
+        else:
+            num_blocks = num_blocks_for_budget(config, bs, self.dtype, int(options.kv_cache_gib * (1 << 30)))
+        self.num_blocks = num_blocks
+        self.max_model_len = min(max_positions, num_blocks * bs)
+        self.cache = KVCache(config, num_blocks, bs, self.dtype, self.device)
+        self.graphs: Any = None  # a DecodeGraphRunner, or None: every step runs eagerly
+        if self.device.type == "cuda" and self.kernels == "triton" and not options.enforce_eager:
+            from backends.paged.cuda_graphs import DecodeGraphRunner
+
+            self.graphs = DecodeGraphRunner(
+                self.model,
+                self.cache,
+                max_batch=min(options.cuda_graph_max_batch or options.max_num_seqs, options.max_num_seqs),
+                max_blocks_per_seq=-(-self.max_model_len // bs),
+                max_context=self.max_model_len,
+                splits_for=lambda b, ctx: attention.decode_splits(b, ctx, self.device),
+            )
+            self.graphs.capture()
+        self.last_step: StepInfo | None = None
+        pin = self.device.type == "cuda"
+        # Two host buffers (and events) for sampled tokens, used in turn: one step's copy
+        # lands while the previous one's is read.
+        self._token_host = [torch.zeros(options.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._token_events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._token_next = 0
+        # The last launched step's device-sampled ids and each sampling sequence's row in them:
+        # a decode whose last token is still PENDING reads its input id from there.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[Sequence, int] = {}
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def execute(self, plan: SchedulerOutput) -> LaunchedStep:
+        """Build the plan's inputs, launch its forward pass and, where every sampling row
+        allows it, its sampling on the device. Call before the scheduler moves the plan's
+        sequences on (update_after_launch): the inputs are read from them."""
+        prefills, decodes = split_prefills_decodes(plan.scheduled)
+        rows = [s.seq for s in prefills + decodes if s.samples]
+        inp = build_step_inputs(prefills, decodes, self.options.block_size)
+        self._feed_from_device(inp, prefills, decodes)
+        logits = self.forward(inp)
+        tokens = sample_tokens_device(logits, [seq.sampler for seq in rows]) if rows else None
+        if tokens is None:
+            self._last_tokens, self._last_rows = None, {}
+            return LaunchedStep(rows, None, logits if rows else None, None, None)
+        k = self._token_next
+        self._token_next = 1 - k
+        host, event = self._token_host[k], self._token_events[k]
+        host[: len(rows)].copy_(tokens, non_blocking=True)
+        if event is not None:
+            event.record()
+        self._last_tokens, self._last_rows = tokens, {seq: i for i, seq in enumerate(rows)}
+        return LaunchedStep(rows, tokens, None, host, event)
+
+    def collect(self, step: LaunchedStep) -> RunnerOutput:
+        """The launched step's tokens for its sequences that are still live: read back from
+        the device (waiting for the copy), or sampled on the host now. The host sampler runs
+        this late on purpose: penalties need the tokens of the step before, collected first."""
+        live = [i for i, seq in enumerate(step.rows) if seq.status is not SeqStatus.FINISHED]
+        seqs = [step.rows[i] for i in live]
+        samples: list[Sample | None]
+        if step.tokens is not None:
+            if step.event is not None:
+                step.event.synchronize()
+            ids = step.host[: len(step.rows)].tolist()
+            token_ids = [ids[i] for i in live]
+            samples = [None] * len(live)
+        elif seqs:
+            assert step.logits is not None
+            logits = step.logits if len(live) == len(step.rows) else step.logits.index_select(0, torch.tensor(live, device=step.logits.device))
+            results = sample_batch(logits, [seq.sampler for seq in seqs])
+            token_ids = [r.token_id for r in results]
+            samples = list(results)
+        else:
+            token_ids, samples = [], []
+        for seq, token in zip(seqs, token_ids):
+            seq.sampler.output_ids.append(token)  # penalty history
+        return RunnerOutput(seqs, token_ids, samples)
+
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Run the step's model; return float32 logits of its sample rows, in row order."""
+        assert self.model is not None, "the runner's model was released"
+        graph = self.graphs is not None and self.graphs.can_run(inp)
+        self.last_step = StepInfo(inp.num_prefill_tokens, inp.num_decodes, int(inp.context_lens.sum()), graph)
+        if graph:
+            return self.graphs.run(inp)
+        splits = 1
+        if inp.num_decodes and hasattr(self.model.attn, "decode_splits"):
+            splits = self.model.attn.decode_splits(inp.num_decodes, max(inp.decode_context_lens), self.device)
+        input_ids, positions, meta = to_device(inp, self.device, splits)
+        hidden = self.model.forward(input_ids, positions, meta, self.cache)
+        if not inp.sample_rows:
+            return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
+        if len(inp.sample_rows) != hidden.shape[0]:
+            rows = torch.tensor(inp.sample_rows, dtype=torch.long)
+            hidden = hidden.index_select(0, rows.to(self.device, non_blocking=True))
+        return self.model.logits(hidden)
+
+    def _feed_from_device(self, inp: StepInputs, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]) -> None:
+        """Point the decode rows whose last token is still on the device at the last step's ids."""
+        rows: np.ndarray | None = None
+        base = inp.num_prefill_tokens
+        for j, s in enumerate(decodes):
+            seq = s.seq
+            if seq.num_pending:
+                assert seq.num_pending == 1 and seq.output_ids[-1] == PENDING, "a placeholder older than the last step"
+                if rows is None:
+                    rows = np.full(len(inp.input_ids), -1, dtype=np.int64)
+                rows[base + j] = self._last_rows[seq]
+        for s in prefills:
+            assert not s.seq.num_pending, "a prefill chunk over a token still on the device"
+        if rows is not None:
+            inp.prev_tokens, inp.prev_rows = self._last_tokens, rows
