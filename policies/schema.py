@@ -5,10 +5,11 @@ Pure: no I/O beyond parsing text that the caller read.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backends.protocol import parse_keep_alive
 from policies.experiments import ExperimentConfig, validate_experiments
@@ -36,6 +37,27 @@ class ServerConfig(_Section):
     # Memory the local models' worker processes may use together; loading one more unloads
     # the least recently used idle ones first. None: no budget.
     model_memory_budget_gib: float | None = Field(default=None, gt=0)
+    # Safe without nginx in front: a connection must finish its request headers within
+    # header_timeout_s, and past max_connections open connections new ones get a 503.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=2048, ge=1)
+    # Peers (IPs or CIDRs) whose X-Forwarded-For is believed for the client's address; none
+    # by default, so any caller cannot choose the address the access log records.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # /docs, /redoc and /openapi.json (behind the admin key when on).
+    api_docs: bool = False
+    # Bounds on what one request may ask the gateway to process (a 400 past each).
+    max_messages: int = Field(default=2048, ge=1)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1)  # one message's text, UTF-8
+    max_tools: int = Field(default=128, ge=0)
+    max_schema_bytes: int = Field(default=64 * 1024, ge=1)  # tools and response_format, as JSON
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
+        return v
 
 
 class BackendConfig(_Section):
@@ -178,6 +200,9 @@ class RouteConfig(_Section):
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     prefix_hashing: PrefixHashingConfig = Field(default_factory=PrefixHashingConfig)
     admission: AdmissionSection | None = None  # None: no queue in the gateway
+    # The largest max_tokens a request may ask for (a 400 past it). None: the model's context
+    # length where its backends report one (a remote's /v1/models `max_model_len`).
+    max_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _known_strategy(self) -> RouteConfig:
