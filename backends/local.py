@@ -10,8 +10,10 @@ in-process.
 from __future__ import annotations
 
 import abc
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from backends import responses
 from backends.chat_template import render_chat
@@ -22,6 +24,7 @@ from backends.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    ContextLengthExceeded,
     InvalidRequest,
     LoadReport,
     ModelCard,
@@ -34,6 +37,10 @@ class LocalBackend(abc.ABC):
     name: str
     model_id: str
     supports_logprobs: bool = False
+    # The most bytes one token stands for (the vocabulary's longest piece), where a subclass
+    # knows it: a prompt whose length alone shows that it cannot fit is then refused before
+    # it is tokenized (a guessed bytes-per-token ratio would refuse some prompts that fit).
+    max_token_bytes: int | None = None
 
     # -- what a subclass provides ---------------------------------------------------
 
@@ -73,42 +80,75 @@ class LocalBackend(abc.ABC):
     def models(self) -> list[ModelCard]:
         return [ModelCard(id=self.model_id, max_model_len=self.context_window)]
 
+    # In process (tests, `turnout run`), `prepare` runs in a thread, as the worker runs it:
+    # rendering and tokenizing grow with the request and must not hold the event loop.
+
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
-        gen, _ = self.prepare("chat", request)
+        gen, _ = await asyncio.to_thread(self.prepare, "chat", request)
         return await responses.chat_completion(request, len(gen.prompt_tokens), self.generate(gen))
 
-    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        gen, _ = self.prepare("chat", request)
-        return responses.chat_chunks(request, len(gen.prompt_tokens), self.generate(gen))
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        gen, _ = await asyncio.to_thread(self.prepare, "chat", request)
+        async with aclosing(responses.chat_chunks(request, len(gen.prompt_tokens), self.generate(gen))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def completion(self, request: CompletionRequest) -> Completion:
-        gen, text = self.prepare("completions", request)
+        gen, text = await asyncio.to_thread(self.prepare, "completions", request)
         return await responses.completion(request, len(gen.prompt_tokens), text, self.generate(gen))
 
-    def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
-        gen, text = self.prepare("completions", request)
-        return responses.completion_chunks(request, len(gen.prompt_tokens), text, self.generate(gen))
+    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
+        gen, text = await asyncio.to_thread(self.prepare, "completions", request)
+        async with aclosing(responses.completion_chunks(request, len(gen.prompt_tokens), text, self.generate(gen))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     # -- shared steps -------------------------------------------------------------------
 
     def prepare(self, kind: str, request: ChatCompletionRequest | CompletionRequest) -> tuple[GenerationRequest, str]:
         """Render (chat), tokenize and check a request: the engine's request and the prompt
-        text. CPU work proportional to the request: callers keep it off an event loop that
-        serves other requests. Raises InvalidRequest (400) for what the model cannot take."""
+        text. CPU work proportional to the request: callers run it in a thread, off any event
+        loop. Raises InvalidRequest (400) for what the model cannot take; a prompt that cannot
+        fit by its length alone is refused before it is tokenized (check_length_estimate)."""
         if kind == "chat":
             assert isinstance(request, ChatCompletionRequest)
             template, bos, eos = self.chat_template()
             prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos)
+            self.check_length_estimate(len(prompt), request.output_limit(), "messages")
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
             json_mode = bool(request.response_format and request.response_format.type == "json_object")
             return self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, json_mode), prompt
         assert isinstance(request, CompletionRequest)
         single = request.single_prompt()
         if isinstance(single, str):
+            self.check_length_estimate(len(single), request.output_limit(), "prompt")
             tokens, text = self.tokenize(single), single
         else:
             tokens, text = list(single), self.detokenize(list(single))
         return self._generation(request, tokens, request.output_limit(), request.logprobs, False), text
+
+    def check_length_estimate(self, chars: int, max_tokens: int | None, what: str) -> None:
+        """ContextLengthExceeded, in output_budget's words, when a prompt of `chars` characters
+        cannot fit even if every token stood for `max_token_bytes` of them (a character is at
+        least a byte): the cheap check before the exact count, which for a huge prompt costs
+        far more than the answer it gets. Nothing without `max_token_bytes`."""
+        if self.max_token_bytes is None:
+            return
+        least = -(-chars // self.max_token_bytes)
+        window = self.context_window
+        if max_tokens is None and least >= window:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens. "
+                f"However, your {what} resulted in at least {least} tokens.",
+                param=what,
+            )
+        if max_tokens is not None and least + max_tokens > window:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"at least {least + max_tokens} tokens (at least {least} in the {what}, {max_tokens} in "
+                f"the completion). Please reduce the length of the {what} or completion.",
+                param="max_tokens",
+            )
 
     def _generation(
         self,

@@ -7,13 +7,14 @@ implements `Backend`; the gateway only ever talks to this module's types.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # ---------------------------------------------------------------------------
 # Requests
@@ -26,15 +27,65 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    """`text`, unless it holds a lone UTF-16 surrogate (JSON's `"\\ud800"`): such a string
+    cannot be encoded as UTF-8, so no backend could take it (a tokenizer or an upstream's
+    body would fail with a 500). ASCII, the common case, is an O(1) check."""
+    if text.isascii():
+        return text
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise ValueError(f"must be valid Unicode text: it contains a lone surrogate (U+{ord(found.group()):04X})")
+    return text
+
+
+# Every request string that reaches a backend (text, names, ids, stops) is Text.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Field(ge=0)]  # ids past the vocabulary are the engine's to reject
+
+
+def find_surrogate(value: Any, path: tuple[str | int, ...] = ()) -> str | None:
+    """Where in a parsed JSON value (dicts, lists, strings) a lone surrogate is, as a dotted
+    path (`tools.0.function.name`), or None. For fields the models do not declare, which
+    remote backends forward as sent; walked only once encoding them has failed."""
+    if isinstance(value, str):
+        return (".".join(map(str, path)) or "body") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return ".".join(map(str, (*path, key)))
+            found = find_surrogate(item, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = find_surrogate(item, (*path, index))
+            if found is not None:
+                return found
+    return None
+
+
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    # Validated when missing too: only an assistant message may go without content.
+    content: Text | list[TextContentPart] | None = Field(default=None, validate_default=True)
+    name: Text | None = None
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def _content_required(cls, v: str | list[TextContentPart] | None, info: ValidationInfo) -> str | list[TextContentPart] | None:
+        role = info.data.get("role")  # absent when the role itself was invalid
+        if v is None and role is not None and role != "assistant":
+            raise ValueError(f"content is required for {role} messages (only an assistant message may omit it or send null)")
+        return v
 
     def text(self) -> str:
         """The message's content as one string (text parts joined)."""
@@ -84,13 +135,13 @@ def parse_keep_alive(value: float | int | str) -> float:
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-StopList = str | Annotated[list[str], Field(max_length=4)]
+StopList = Text | Annotated[list[Text], Field(max_length=4)]
 
 
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions."""
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -102,14 +153,14 @@ class _SamplingFields(_Request):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM / llama.cpp extensions that OpenAI-compatible servers accept.
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     ignore_eos: bool | None = None
     # Ollama's: how long a local model stays loaded after this request (local backends).
-    keep_alive: float | str | None = None
+    keep_alive: float | Text | None = None
 
     @field_validator("keep_alive")
     @classmethod
@@ -129,7 +180,7 @@ class _SamplingFields(_Request):
     @classmethod
     def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.lstrip("-").isdigit():
+            if not key.isdigit():  # token ids are >= 0
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return v
 
@@ -157,10 +208,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]]
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
@@ -396,6 +447,14 @@ class UpstreamError(BackendError):
     code = "upstream_error"
 
 
+class UpstreamTimeout(UpstreamError):
+    """A backend gave nothing back within one of the route's deadlines: a 502
+    `upstream_error` (as every backend failure is), counted as a timeout by the retry and
+    circuit policies."""
+
+    failure = "timeout"
+
+
 # ---------------------------------------------------------------------------
 # Load reports and the Backend protocol
 # ---------------------------------------------------------------------------
@@ -485,11 +544,20 @@ class Backend(Protocol):
 class Passthrough(Protocol):
     """A backend that forwards the client's own JSON body (`body`, the bytes as they came),
     so fields the gateway does not model reach the upstream intact; streams come back as the
-    upstream's bytes (RawChunk). Remote OpenAI-compatible servers."""
+    upstream's bytes (RawChunk). Remote OpenAI-compatible servers.
 
-    async def chat_raw(self, request: ChatCompletionRequest, body: bytes) -> ChatCompletion: ...
+    A whole answer's start (the upstream's response headers) must come within
+    `first_byte_timeout_s` (None: only the backend's own deadlines apply), else an
+    UpstreamTimeout-like error with failure "timeout": the route's first-token deadline for
+    a non-streamed call."""
 
-    async def completion_raw(self, request: CompletionRequest, body: bytes) -> Completion: ...
+    async def chat_raw(
+        self, request: ChatCompletionRequest, body: bytes, *, first_byte_timeout_s: float | None = None
+    ) -> ChatCompletion: ...
+
+    async def completion_raw(
+        self, request: CompletionRequest, body: bytes, *, first_byte_timeout_s: float | None = None
+    ) -> Completion: ...
 
     def chat_stream_raw(self, request: ChatCompletionRequest, body: bytes) -> AsyncIterator[RawChunk]: ...
 

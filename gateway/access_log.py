@@ -1,6 +1,8 @@
 """Structured access logs: one JSON object a line per finished request.
 
-Never a key's secret; prompts only when the config sets `server.log_prompts`.
+Never a key's secret; prompts only when the config sets `server.log_prompts`. `client_ip`
+is the peer, or the client a trusted proxy names (`server.trusted_proxies`), never what an
+arbitrary caller's X-Forwarded-For claims.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from gateway.errors import install_error_handlers
 from gateway.fastpath import DirectRoutes
 from gateway.metrics import GatewayMetrics, build_metrics_registry
 from gateway.middleware import RequestContextMiddleware
+from gateway.openapi import openapi_schema
 from gateway.ratelimit import LimiterMetrics
 from gateway.policy_file import load_config
 from gateway.registry import BackendRegistry
@@ -51,7 +52,20 @@ def create_app(
             await registry.close()
             runtime.tracing.shutdown()
 
-    app = FastAPI(title="turnout", version="0.1.0", lifespan=lifespan)
+    # No docs pages and no schema route of FastAPI's own: GET /openapi.json is gateway.routes'
+    # (off unless server.api_docs, behind the admin key), its schema gateway.openapi's. And no
+    # trailing-slash redirects: `POST /v1/chat/completions/` is a 404 with OpenAI's error body,
+    # not a 307 with an empty one that clients do not follow for a POST.
+    app = FastAPI(
+        title="turnout",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.runtime = runtime  # the one handle on live state; its snapshot holds the policy
     app.state.metrics = prometheus
     app.state.load_collector = load_collector
@@ -65,12 +79,22 @@ def create_app(
     # Inside the request-id middleware (so 401s carry x-request-id). Both read the current
     # snapshot per request, so a reload changes auth, limits and the body cap at once.
     app.add_middleware(AuthMiddleware, current=lambda: runtime.snapshot)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: runtime.snapshot.config.server.max_body_bytes)
+    # Outermost: the request id, the body cap and the client's address (X-Forwarded-For from
+    # server.trusted_proxies only; uvicorn's own proxy headers are off, gateway.cli).
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=lambda: runtime.snapshot.config.server.max_body_bytes,
+        trusted_proxies=lambda: runtime.snapshot.config.server.trusted_proxies,
+    )
     return app
 
 
 def app_from_env() -> FastAPI:
     """The app of one worker of `turnout serve --workers N` (uvicorn imports it by name in
-    each worker process): the config file comes from TURNOUT_CONFIG."""
+    each worker process): the config file comes from TURNOUT_CONFIG. A spawned worker runs
+    no `main`, so its logging is set up here, as the CLI's."""
+    from gateway.cli import configure_logging
+
+    configure_logging()
     path = os.environ.get("TURNOUT_CONFIG") or None
     return create_app(load_config(path), config_path=path)

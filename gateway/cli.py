@@ -57,36 +57,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if backend.kind in ("llamacpp", "paged") and backend.model in model_store.KNOWN_MODELS:
             model_store.pull(backend.model)
     if args.workers > 1:
-        _serve_workers(args, host, port)
+        _serve_workers(args, config, host, port)
         return 0
     try:
         app = create_app(config, config_path=args.config)
     except ConfigError as exc:
         print(f"turnout: cannot load config: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, **uvicorn_options(config))
     return 0
 
 
-def _fast_io() -> dict[str, object]:
-    """uvicorn options for the request path: uvloop and httptools (uvicorn[standard]) wherever
-    they are installed (they are dependencies; named so that the choice is visible, not left
-    to uvicorn's "auto"); and no uvicorn access line per request (the gateway writes its own JSON access log,
-    gateway.access_log, and a second line per request cost measurable CPU)."""
+def uvicorn_options(config: Config) -> dict[str, object]:
+    """uvicorn options for the request path, the same for one process and for `--workers N`:
+
+    - uvloop and httptools (uvicorn[standard]) wherever they are installed (they are
+      dependencies; named so that the choice is visible, not left to uvicorn's "auto");
+    - the connection guard over that parser (gateway.connections): `server.header_timeout_s`
+      and `server.max_connections`, which uvicorn has no options for;
+    - no uvicorn access line per request (the gateway writes its own JSON access log,
+      gateway.access_log, and a second line per request cost measurable CPU);
+    - no uvicorn proxy headers: uvicorn would believe X-Forwarded-For from any loopback peer
+      and rewrite the socket peer with it; the gateway decides the client's address itself,
+      from `server.trusted_proxies` (gateway.client_address).
+    """
     import importlib.util
 
-    options: dict[str, object] = {"access_log": False}
+    from gateway.connections import ConnectionLimits, connection_protocol
+
+    options: dict[str, object] = {"access_log": False, "proxy_headers": False, "timeout_graceful_shutdown": 5}
     if importlib.util.find_spec("uvloop") is not None:
         options["loop"] = "uvloop"
-    if importlib.util.find_spec("httptools") is not None:
-        options["http"] = "httptools"
+    parser = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    limits = ConnectionLimits(header_timeout_s=config.server.header_timeout_s, max_connections=config.server.max_connections)
+    options["http"] = connection_protocol(limits, parser=parser)
     return options
 
 
-def _serve_workers(args: argparse.Namespace, host: str, port: int) -> None:
+def _serve_workers(args: argparse.Namespace, config: Config, host: str, port: int) -> None:
     """Several worker processes on one port. Each loads its own backends (use remote
     backends, or one worker per in-process model); share rate limits through Redis; the
-    workers' metrics are summed through prometheus_client's multiprocess mode."""
+    workers' metrics are summed through prometheus_client's multiprocess mode. The
+    connection guard's limits travel to the workers inside uvicorn's (pickled) config;
+    `server.max_connections` applies per worker."""
     import tempfile
 
     import uvicorn
@@ -101,8 +114,7 @@ def _serve_workers(args: argparse.Namespace, host: str, port: int) -> None:
         host=host,
         port=port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=5,
-        **_fast_io(),
+        **uvicorn_options(config),
     )
 
 
@@ -416,9 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries whose INFO lines are per-request noise: httpx logs one per request it makes
+# (a remote backend's metrics scrape, every 500 ms). Their warnings still show.
+QUIET_LOGGERS = ("httpx", "httpcore")
+
+
+def configure_logging() -> None:
+    """The processes' logging: INFO and up on stderr, one line per record; chatty libraries
+    at WARNING. `turnout serve --workers N` runs it again in each worker (gateway.app)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `turnout` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "passthrough", False):

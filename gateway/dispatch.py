@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from backends.protocol import Backend, ModelNotFound, Passthrough, PushesLoad
+from backends.protocol import (
+    Backend,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    Passthrough,
+    PushesLoad,
+)
 from gateway.admission import AdmissionController
 from gateway.load_tracker import LoadTracker
 from policies.circuit import CircuitBoard, CircuitConfig
@@ -137,6 +146,47 @@ class Dispatcher:
             return self.routes[alias]
         except KeyError:
             raise ModelNotFound(f"The model '{alias}' does not exist or you do not have access to it.", param="model") from None
+
+    def max_tokens_ceiling(self, alias: str) -> tuple[int | None, bool]:
+        """The most tokens a request for `alias` may ask to generate, and whether that is
+        the route's own `max_tokens` (True) or the smallest context length its backends
+        report (False; None when none reports one: no ceiling)."""
+        route = self.routes[alias]
+        if route.config.max_tokens is not None:
+            return route.config.max_tokens, True
+        windows = [card.max_model_len for name in route.config.backends for card in self.backends[name].models()[:1]]
+        known = [w for w in windows if w]
+        return (min(known) if known else None), False
+
+    def check_output_limit(self, request: ChatCompletionRequest | CompletionRequest) -> None:
+        """A 400 naming the param when max_tokens (or max_completion_tokens) is over the
+        route's ceiling, before anything is reserved or dispatched: an upstream would
+        otherwise be asked for, and relay, whatever a client writes there. An unknown
+        model is left to `call` (its 404)."""
+        asked = [("max_tokens", request.max_tokens)]
+        if isinstance(request, ChatCompletionRequest):
+            asked.insert(0, ("max_completion_tokens", request.max_completion_tokens))
+        asked = [(param, n) for param, n in asked if n is not None]
+        if not asked or request.model not in self.routes:
+            return
+        ceiling, configured = self.max_tokens_ceiling(request.model)
+        if ceiling is None:
+            return
+        for param, n in asked:
+            if n <= ceiling:
+                continue
+            if configured:
+                raise InvalidRequest(
+                    f"{param} is too large: {n}. This model supports at most {ceiling} completion tokens, whereas you provided {n}.",
+                    param=param,
+                    code="invalid_value",
+                )
+            # Over the whole context window, whatever the prompt: the engines' words and code.
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {ceiling} tokens. However, you requested "
+                f"{n} in the completion alone ({param}). Please reduce the length of the completion.",
+                param=param,
+            )
 
     def in_flight(self, name: str) -> int:
         return self.tracker.in_flight(name)

@@ -58,15 +58,53 @@ def status_of(exc: BaseException) -> tuple[int, str | None]:
     return 500, None
 
 
+# pydantic names the member of a union each of its errors came from, in the error's location
+# (`stop.str`, `prompt.list[constrained-int].0`). Field names never look like these.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
+
+
+def _union_prefix(loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The location of the union an error is under (None: it is under none)."""
+    for index, part in enumerate(loc):
+        if _is_union_tag(part):
+            return loc[:index]
+    return None
+
+
+def _first_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report. A value that fits no member of a union gets one error per
+    member; the member whose type the value had says what is wrong with it (a 5-item `stop`
+    list is too long, not "not a string"): an error that is not a type mismatch wins, then
+    a mismatch inside a member (`stop: ["a", 5]`: item 1), then the first."""
+    first = errors[0]
+    union = _union_prefix(tuple(first.get("loc", ())))
+    if union is None:
+        return first
+    same = [e for e in errors if _union_prefix(tuple(e.get("loc", ()))) == union]
+    mismatch = [str(e.get("type", "")).endswith("_type") for e in same]
+    inside = [len(e.get("loc", ())) > len(union) + 1 for e in same]
+    return next(
+        (e for e, m in zip(same, mismatch) if not m),
+        next((e for e, i in zip(same, inside) if i), first),
+    )
+
+
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """The first validation error as OpenAI words it: a message and the offending param."""
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    """The first validation error as OpenAI words it: a message and the offending param
+    (a dotted path such as `messages.0.content`, union members left out)."""
+    err = _first_error(errors)
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     if err.get("type") == "json_invalid":
         return f"We could not parse the JSON body of your request: {err.get('ctx', {}).get('error', err['msg'])}", None
     param = ".".join(loc) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err.get("type") == "missing":
+        if param is None:  # the body itself (gateway.body: an empty body is a missing one)
+            return "We could not parse the JSON body of your request: the body is empty; expected a JSON object.", None
         return f"Missing required parameter: '{param}'.", param
     if param is None:
         return f"Invalid request body: {msg}", None

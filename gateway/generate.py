@@ -20,7 +20,7 @@ from fastapi import Request, Response
 from opentelemetry import trace
 from starlette.background import BackgroundTask
 
-from backends.protocol import Backend, ChatCompletionRequest, CompletionRequest, StreamOptions
+from backends.protocol import Backend, ChatCompletionRequest, CompletionRequest, StreamOptions, UpstreamTimeout
 from gateway.auth import rate_limit
 from gateway.body import prompt_token_estimate
 from gateway.dispatch import Dispatcher, Lease, Route
@@ -58,7 +58,7 @@ async def generate(kind: Kind, body: Body, raw: bytes, request: Request) -> Resp
         stream=bool(body.stream),
         key_name=principal.key_id if principal else None,
         tenant=principal.tenant if principal else None,
-        client_ip=request.client.host if request.client else None,
+        client_ip=state["client_ip"],  # the peer, or the client a trusted proxy names (gateway/client_address.py)
     )
     if snapshot.config.server.log_prompts:
         outcome.prompt = body.model_dump_json(include={"messages", "prompt"})
@@ -72,6 +72,7 @@ async def generate(kind: Kind, body: Body, raw: bytes, request: Request) -> Resp
     try:
         if principal is not None:
             principal.check_model(body.model)
+        dispatcher.check_output_limit(body)  # before the limiter reserves what it asks for
         with tracing.span("turnout.rate_limit", span):
             reservation = await rate_limit(request, body, prompt_estimate)
         pool, headers = _assign_variant(runtime, dispatcher, body, raw, request, outcome, principal)
@@ -261,17 +262,31 @@ def _shadow(
 async def _answer(
     kind: Kind, dispatcher: Dispatcher, backend: Backend, route: Route, body: Body, raw: bytes, tracing: Tracing, parent: Any
 ) -> tuple[Any, Any]:
-    """One attempt at a whole answer, inside the route's total deadline."""
+    """One attempt at a whole answer. Its start must come within the route's first-token
+    deadline: for a remote, the upstream's response headers (the backend times them, as
+    `first_byte_timeout_s`); other backends hand an answer over only whole, so there the
+    total deadline is the only one. Past either: a 502 with failure "timeout"
+    (UpstreamTimeout here, the remote's RemoteFailure), which retries, fallbacks and the
+    circuit count as a timeout."""
+    timeouts = route.config.timeouts
     bspan = tracing.start_span(f"turnout.backend {backend.name}", parent, **{"turnout.backend": backend.name})
     try:
         with trace.use_span(bspan, end_on_exit=False) if bspan is not None else nullcontext():
-            async with asyncio.timeout(route.config.timeouts.total_s):
-                forward = dispatcher.passthrough.get(backend.name)
-                if forward is not None:  # the client's own bytes go upstream
-                    work = forward.chat_raw(body, raw) if kind == "chat" else forward.completion_raw(body, raw)  # type: ignore[arg-type]
-                else:
-                    work = backend.chat(body) if kind == "chat" else backend.completion(body)  # type: ignore[arg-type]
-                return await work, bspan
+            try:
+                async with asyncio.timeout(timeouts.total_s):
+                    forward = dispatcher.passthrough.get(backend.name)
+                    if forward is not None:  # the client's own bytes go upstream
+                        first = timeouts.first_token_s
+                        work = (
+                            forward.chat_raw(body, raw, first_byte_timeout_s=first)  # type: ignore[arg-type]
+                            if kind == "chat"
+                            else forward.completion_raw(body, raw, first_byte_timeout_s=first)  # type: ignore[arg-type]
+                        )
+                    else:
+                        work = backend.chat(body) if kind == "chat" else backend.completion(body)  # type: ignore[arg-type]
+                    return await work, bspan
+            except TimeoutError:
+                raise _timed_out(backend, "did not finish its answer", "total_s", timeouts.total_s) from None
     except BaseException as exc:
         Tracing.fail(bspan, str(exc))
         _end(bspan)
@@ -292,7 +307,11 @@ async def _open_stream(
                 stream = forward.chat_stream_raw(body, raw) if kind == "chat" else forward.completion_stream_raw(body, raw)  # type: ignore[arg-type]
             else:
                 stream = backend.chat_stream(body) if kind == "chat" else backend.completion_stream(body)  # type: ignore[arg-type]
-            first = await first_chunk(stream, route.config.timeouts.first_token_s)
+            deadline = route.config.timeouts.first_token_s
+            try:
+                first = await first_chunk(stream, deadline)
+            except TimeoutError:
+                raise _timed_out(backend, "sent nothing", "first_token_s", deadline) from None
         if bspan is not None:
             bspan.add_event("gen_ai.first_chunk")
         return first, stream, bspan
@@ -300,6 +319,11 @@ async def _open_stream(
         Tracing.fail(bspan, str(exc))
         _end(bspan)
         raise
+
+
+def _timed_out(backend: Backend, what: str, deadline: str, seconds: float) -> UpstreamTimeout:
+    """The error for an attempt past one of the route's deadlines (`timeouts.<deadline>`)."""
+    return UpstreamTimeout(f"backend {backend.name!r} {what} within the route's timeouts.{deadline} ({seconds:g} s)")
 
 
 def _end(span: Any, outcome: RequestOutcome | None = None) -> None:

@@ -122,6 +122,8 @@ def exposition(registry: CollectorRegistry, load: Collector) -> bytes:
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# Event-loop lag: a healthy loop wakes within a millisecond or two; 100 ms is a stall.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 MAX_CACHED_LABEL_SETS = 4096  # per metric; label values include clients' model names: bounded
 
@@ -162,6 +164,10 @@ class GatewayMetrics:
         self.admission_wait = Histogram(
             "turnout_admission_wait_seconds", "Time admitted requests waited for a slot.",
             ["model"], buckets=TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.loop_lag = Histogram(
+            "turnout_event_loop_lag_seconds", "How late the event loop woke a task sleeping 100 ms (gateway.loop_lag).",
+            buckets=LOOP_LAG_BUCKETS, registry=registry,
         )  # fmt: skip
         self._children: dict[Any, dict[tuple[str, ...], Any]] = {}
 

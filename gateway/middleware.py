@@ -1,16 +1,22 @@
-"""ASGI middleware on every request: a request id, and a cap on the request body's size."""
+"""ASGI middleware on every request: a request id, the client's address, and a cap on the
+request body's size."""
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.client_address import NO_PROXIES, TrustedProxies, client_address, forwarded_for
 from gateway.errors import error_response
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _no_proxies() -> Sequence[str]:
+    return ()
 
 
 class RequestContextMiddleware:
@@ -18,13 +24,35 @@ class RequestContextMiddleware:
     one), echoes it on every response, and refuses bodies over `max_body_bytes()` (the
     current policy's `server.max_body_bytes`) with 413.
 
+    Sets `scope["state"]["client_ip"]`: the socket peer, or, when the peer is one of
+    `trusted_proxies()` (the current policy's `server.trusted_proxies`), the client that
+    X-Forwarded-For names (gateway.client_address). Decided here, once, so that every sink
+    records the same address. `scope["client"]` stays the peer.
+
     The body is read up front, bounded, and replayed: a chunked upload cannot slip past the
     limit, and what follows the body (a disconnect) still reaches the app.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: Callable[[], int],
+        trusted_proxies: Callable[[], Sequence[str]] = _no_proxies,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.trusted_proxies = trusted_proxies
+        self._proxy_entries: Sequence[str] = ()
+        self._proxies: TrustedProxies = NO_PROXIES
+
+    def _trusted(self) -> TrustedProxies:
+        """The parsed networks of the current policy, parsed again only when a reload brought
+        a new list (the list object is kept, so identity cannot be reused by another)."""
+        entries = self.trusted_proxies()
+        if entries is not self._proxy_entries:
+            self._proxies = TrustedProxies(entries) if entries else NO_PROXIES
+            self._proxy_entries = entries
+        return self._proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -33,7 +61,14 @@ class RequestContextMiddleware:
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        peer = scope["client"][0] if scope.get("client") else None
+        proxies = self._trusted()
+        # The headers are scanned only for a trusted peer: the common case (no proxies, or a
+        # direct caller) costs one lookup.
+        xff = forwarded_for(scope["headers"]) if peer is not None and proxies and proxies.trusts_peer(peer) else ""
+        state["client_ip"] = client_address(peer, xff, proxies)
         id_header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:

@@ -27,6 +27,8 @@ class RequestOutcome:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     ended_at: float | None = None
+    # The client's address as RequestContextMiddleware decided it (`state["client_ip"]`): the
+    # socket peer, or what a trusted proxy's X-Forwarded-For names (gateway.client_address).
     client_ip: str | None = None
     trace_id: str | None = None
     prompt: str | None = None  # only when the config says prompts may be logged

@@ -7,6 +7,7 @@ import hmac
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from backends.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelNotFound
 from gateway.auth import rate_limit
@@ -84,13 +85,21 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
 
+def _on_this_machine(request: Request) -> bool:
+    """Whether the caller is on this machine: its address (gateway.middleware's, which takes
+    X-Forwarded-For from `server.trusted_proxies` only) is loopback, and no proxy forwarded
+    the request (a proxy on loopback, nginx, fronts remote callers)."""
+    client = request.scope.get("state", {}).get("client_ip") or (request.client.host if request.client else "")
+    forwarded = "x-forwarded-for" in request.headers or "forwarded" in request.headers
+    return client in ("127.0.0.1", "::1") and not forwarded
+
+
 def _admin_refusal(request: Request, *, read_only: bool = False) -> JSONResponse | None:
     """None when the caller holds the admin key; else the 401/403 to answer. With no admin
     key configured, read-only admin pages still answer callers on loopback (a dev laptop)."""
     key = request.app.state.runtime.admin_key()
     if key is None:
-        client = request.client.host if request.client else ""
-        if read_only and client in ("127.0.0.1", "::1"):
+        if read_only and _on_this_machine(request):
             return None
         return error_response(403, "The admin API is off: set server.admin_key_env to the name of an environment variable holding the admin key.")
     given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -118,3 +127,16 @@ async def admin_ps(request: Request) -> JSONResponse:
     if refusal is not None:
         return refusal
     return JSONResponse({"models": _registry(request).residents()})
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_json(request: Request) -> JSONResponse:
+    """The OpenAPI schema (gateway.openapi), with `server.api_docs: true` only, and behind the
+    admin key (read-only: with no admin key set, loopback callers may read it). Off, it is the
+    404 of any unknown URL. No HTML docs pages: they load their assets from a CDN."""
+    if not request.app.state.runtime.snapshot.config.server.api_docs:
+        raise HTTPException(status_code=404)
+    refusal = _admin_refusal(request, read_only=True)
+    if refusal is not None:
+        return refusal
+    return JSONResponse(request.app.openapi())

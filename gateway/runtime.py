@@ -16,6 +16,7 @@ from typing import Any
 from backends.protocol import Backend
 from gateway.access_log import write_access_log
 from gateway.dispatch import Dispatcher
+from gateway.loop_lag import monitor_loop_lag
 from gateway.metrics import GatewayMetrics
 from gateway.outcome import RequestOutcome
 from gateway.policy_file import load_config
@@ -183,8 +184,9 @@ class GatewayRuntime:
 
     def start_background(self) -> None:
         """Load scrapes of remote backends; the file watcher and the SIGHUP handler (where
-        there is a config file to reload)."""
+        there is a config file to reload); the event-loop lag monitor."""
         self._scrape_remote_backends()
+        self.spawn(monitor_loop_lag(self.metrics.loop_lag.observe))
         if self.config_path is None:
             return
         self.spawn(self.watch())

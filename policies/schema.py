@@ -20,6 +20,16 @@ LOCAL_KINDS = ("llamacpp", "paged")  # run in engine worker processes of their o
 DEFAULT_KEEP_ALIVE_S = 300.0
 
 
+class Located(ValueError):
+    """A model-level check's failure that belongs to one field further in: `loc`, relative
+    to the model that raised it (pydantic puts a model validator's errors at the model's own
+    location, which for Config is the top of the file); `problems` appends it."""
+
+    def __init__(self, message: str, *loc: str | int) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 class _Section(BaseModel):
     # Typos in a policy must fail loudly, not be ignored.
     model_config = ConfigDict(extra="forbid")
@@ -222,33 +232,35 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Config:
+        # Each problem is Located at the entry that causes it, so the message names its line.
         names = [b.name for b in self.backends]
-        dupes = {n for n in names if names.count(n) > 1}
-        if dupes:
-            raise ValueError(f"backend names must be unique: {sorted(dupes)}")
-        for route in self.routes:
-            unknown = [b for b in route.backends if b not in names]
-            if unknown:
-                raise ValueError(f"route {route.model!r} names unknown backends {unknown}")
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise Located(f"backend names must be unique: {name!r} is used twice", "backends", index, "name")
+        for i, route in enumerate(self.routes):
+            for j, backend in enumerate(route.backends):
+                if backend not in names:
+                    raise Located(f"route {route.model!r} names unknown backends [{backend!r}]", "routes", i, "backends", j)
         if isinstance(self.auth, AuthConfig) and self.auth.store == "redis" and self.redis is None:
-            raise ValueError("auth.store: redis needs a `redis` section (url, timeout_ms, fail_mode)")
+            raise Located("keys kept in redis need a `redis` section (url, timeout_ms, fail_mode)", "auth", "store")
         aliases = self.aliases()
-        for route in self.routes:
-            unknown = [f for f in route.fallbacks if f not in aliases]
-            if unknown:
-                raise ValueError(f"route {route.model!r} falls back to unknown models {unknown}")
+        for i, route in enumerate(self.routes):
+            for j, fallback in enumerate(route.fallbacks):
+                if fallback not in aliases:
+                    raise Located(f"route {route.model!r} falls back to unknown models [{fallback!r}]", "routes", i, "fallbacks", j)
         self._no_fallback_cycles()
         validate_experiments(self.experiments, names, aliases)
         return self
 
     def _no_fallback_cycles(self) -> None:
         graph = {r.model: r.fallbacks for r in self.routes}
+        where = {r.model: i for i, r in enumerate(self.routes)}
         for start in graph:
             seen, stack = set(), list(graph[start])
             while stack:
                 alias = stack.pop()
                 if alias == start:
-                    raise ValueError(f"route {start!r}: fallbacks lead back to itself")
+                    raise Located(f"route {start!r}: fallbacks lead back to itself", "routes", where[start], "fallbacks")
                 if alias not in seen:
                     seen.add(alias)
                     stack.extend(graph.get(alias, []))
@@ -294,7 +306,8 @@ def problems(exc: ValidationError, raw: yaml.Node | None, source: str | None, at
     what is known of them is left out."""
     out = []
     for err in exc.errors():
-        loc = (*at, *err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        loc = (*at, *err["loc"], *(cause.loc if isinstance(cause, Located) else ()))
         where = ".".join(str(p) for p in loc) or "(top level)"
         line = line_of(raw, loc) if raw is not None else None
         msg = err["msg"].removeprefix("Value error, ")

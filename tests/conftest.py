@@ -4,14 +4,18 @@ process helpers are the benchmarks' own, gateway/bench/harness.py)."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.bench.harness import REPO, RedisServer, Server, free_port, start_server
 
-__all__ = ["REPO", "RedisServer", "Server", "free_port", "llamacpp_config", "start_server"]
+__all__ = ["REPO", "RedisServer", "Server", "asgi_in_thread", "free_port", "llamacpp_config", "read_body", "start_server"]
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +62,34 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@contextmanager
+def asgi_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app (a scripted upstream) with uvicorn in a thread on a loopback port;
+    yields its base URL and stops it on exit."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the scripted upstream did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+async def read_body(receive: Any) -> bytes:
+    """An ASGI request's whole body (for scripted upstreams)."""
+    raw = b""
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            return raw

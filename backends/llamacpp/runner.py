@@ -2,15 +2,24 @@
 
 Each instance serves one request at a time, in a worker thread; requests beyond the pool
 wait in a bounded queue, and past that bound get 503 with a Retry-After.
+
+Long prompts are tokenized in pieces cut before special tokens (`_cut_pattern`): llama.cpp's
+special-token pass is quadratic in the number of special tokens in one text (for each special
+token of the vocabulary, each fragment so far searches to the end of the whole text), so a
+20,000-message chat took 8 s to tokenize and 100,000 messages 200 s (llama-cpp-python also
+tokenizes twice past n_ctx_train tokens). Pieces of 2 KiB make it linear, with the same
+tokens: 0.9 s and 4.5 s, llama.cpp's own cost per fragment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +39,10 @@ from backends.protocol import InvalidRequest, LoadReport, Overloaded
 from backends.stop import StopMatcher
 
 log = logging.getLogger("turnout.llamacpp")
+
+# What llama.cpp's tokenizer carves out of a text as special tokens (its cache_special_tokens).
+_SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+TOKENIZE_PIECE_CHARS = 2048  # longer texts are tokenized in pieces of about this size (1-2 KiB measured best)
 
 Emit = Callable[[GenerationDelta | BaseException], None]
 
@@ -61,6 +74,7 @@ class LlamaCppBackend(LocalBackend):
         self._bos_text = ""
         self._eos_text = ""
         self._json_grammar: llama_cpp.LlamaGrammar | None = None
+        self._cut: re.Pattern[str] | None = None  # where a long text may be cut for tokenizing
         self.cpu_variant = ""  # the ggml CPU variant in use, once started
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -79,6 +93,7 @@ class LlamaCppBackend(LocalBackend):
         self._template = first.metadata.get("tokenizer.chat_template")
         self._bos_text = self._token_text(first, first.token_bos())
         self._eos_text = self._token_text(first, first.token_eos())
+        self._cut, self.max_token_bytes = await asyncio.to_thread(_scan_vocab, first)
         log.info("%s: loaded %s x%d (n_ctx=%d)", self.name, path.name, self.instances, first.n_ctx())
 
     def _load(self, path: Path) -> llama_cpp.Llama:
@@ -98,10 +113,21 @@ class LlamaCppBackend(LocalBackend):
         return self._pool[0].n_ctx()
 
     def tokenize(self, text: str) -> list[int]:
-        llm = self._pool[0]  # the vocabulary is read-only: safe beside a generating thread
+        """Special tokens parsed; a long text in pieces cut before special tokens (linear, where
+        llama.cpp's pass over the whole text is quadratic), with the same tokens."""
+        vocab = self._pool[0]._model.vocab  # noqa: SLF001 - read-only: safe beside a generating thread
         # A template that writes the BOS text itself must not get a second BOS.
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
-        return llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+        if self._cut is None or len(text) <= TOKENIZE_PIECE_CHARS:
+            return _tokenize_bytes(vocab, text.encode(), add_bos)
+        tokens: list[int] = []
+        start = 0
+        while start < len(text):
+            cut = self._cut.search(text, start + TOKENIZE_PIECE_CHARS)
+            end = cut.start() if cut else len(text)
+            tokens += _tokenize_bytes(vocab, text[start:end].encode(), add_bos and start == 0)
+            start = end
+        return tokens
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self._pool[0].detokenize(token_ids).decode("utf-8", errors="replace")
@@ -254,6 +280,69 @@ class LlamaCppBackend(LocalBackend):
         if token < 0:
             return ""
         return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+
+def _tokenize_bytes(vocab: llama_cpp.llama_vocab_p, data: bytes, add_special: bool) -> list[int]:
+    """llama.cpp's tokens of `data`, special tokens parsed, in one pass: the buffer is sized
+    from the text (llama-cpp-python's sizes it n_ctx_train and, past that, tokenizes twice)."""
+    cap = len(data) + 8  # a token covers at least one byte, but BOS, EOS and SPM's space prefix
+    buf = (llama_cpp.llama_token * cap)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, add_special, True)
+    if n < 0:
+        cap = -n
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            raise RuntimeError(f"llama.cpp could not tokenize {len(data)} bytes")
+    return buf[:n]
+
+
+def _scan_vocab(llm: llama_cpp.Llama) -> tuple[re.Pattern[str] | None, int]:
+    """(where a long text may be cut for tokenizing, the most bytes one token stands for). Once
+    per model load: a few tens of ms for a 50k vocabulary."""
+    vocab = llm._model.vocab  # noqa: SLF001 - llama-cpp-python exposes no public vocab handle
+    buf = ctypes.create_string_buffer(256)
+    longest = 1
+    specials: dict[bytes, int] = {}
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        # A negative length: the piece is longer than the buffer, by that many bytes in all.
+        longest = max(longest, abs(llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)))
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & _SPECIAL_ATTRS:
+            text = llama_cpp.llama_vocab_get_text(vocab, token) or b""
+            longest = max(longest, len(text))  # special tokens match their text
+            specials[text] = specials.get(text, 0) | attr
+    # A model that appends EOS would get one after every piece.
+    cut = None if llama_cpp.llama_vocab_get_add_eos(vocab) else _cut_pattern(specials)
+    return cut, longest
+
+
+def _cut_pattern(specials: dict[bytes, int]) -> re.Pattern[str] | None:
+    """The special tokens before which a text may be cut, its pieces tokenized apart and their
+    tokens joined, giving the whole text's tokens: llama.cpp tokenizes the plain text between
+    special tokens fragment by fragment anyway. Safe are those that no other special token
+    contains or overlaps at either end, that do not overlap themselves (every occurrence is
+    then carved out as a token in the whole text too), and that strip no whitespace before
+    themselves (LSTRIP would reach into the previous piece)."""
+    texts = [t for t in specials if t]
+    joined = b"\x00".join(texts)
+    suffixes = {t[-k:] for t in texts for k in range(1, len(t))}  # proper ones
+    prefixes = {t[:k] for t in texts for k in range(1, len(t))}
+    safe: list[str] = []
+    for text in texts:
+        if specials[text] & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP or b"\x00" in text:
+            continue
+        if joined.count(text) > 1:  # inside another special token (or a duplicate)
+            continue
+        if any(text[:k] in suffixes or text[-k:] in prefixes for k in range(1, len(text))):
+            continue
+        try:
+            safe.append(text.decode())
+        except UnicodeDecodeError:
+            continue
+    if not safe:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(safe, key=len, reverse=True)))
 
 
 def _bias_processor(sp: SamplingParams) -> llama_cpp.LogitsProcessorList:

@@ -34,16 +34,19 @@ from backends.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    InvalidRequest,
     LoadReport,
     ModelCard,
     RawChunk,
     Usage,
+    find_surrogate,
 )
 from backends.remote.upstream_errors import RemoteFailure, error_for_status
 
 log = logging.getLogger("turnout.remote")
 
 LOAD_HEADER = "endpoint-load-metrics"
+MODELS_TIMEOUT_S = 3.0  # start() asks /v1/models for the context length; never longer than this
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -96,6 +99,7 @@ class RemoteBackend:
         self._http: aiohttp.ClientSession | None = None
         self._in_flight = 0
         self._last_load: LoadReport | None = None
+        self._card = ModelCard(id=self.model_id)  # max_model_len once /v1/models said it
         # Called with each load report an upstream piggybacks on a response (the gateway's
         # load tracker subscribes here).
         self.on_load_report: Callable[[LoadReport], None] | None = None
@@ -103,8 +107,26 @@ class RemoteBackend:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the connection pool (connections are made on first use)."""
+        """Open the connection pool and learn the model's context length from the
+        upstream's /v1/models (`max_model_len`, as vLLM and turnout report it): the default
+        ceiling of a route's max_tokens. An upstream that does not say, or does not answer
+        within MODELS_TIMEOUT_S, leaves it unknown; the backend starts anyway."""
         self._client()
+        length = await self._fetch_max_model_len()
+        if length is not None:
+            self._card = ModelCard(id=self.model_id, max_model_len=length)
+
+    async def _fetch_max_model_len(self) -> int | None:
+        try:
+            async with asyncio.timeout(min(MODELS_TIMEOUT_S, self.connect_timeout_s + 1.0)):
+                async with self._client().get(self.base_url + "/models") as response:
+                    if response.status != 200:
+                        return None
+                    data = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("backend %s: no context length from %s/models (%s)", self.name, self.base_url, type(exc).__name__)
+            return None
+        return _max_model_len(data, self.model)
 
     async def close(self) -> None:
         """Close the pool; streams still open are cut."""
@@ -148,7 +170,7 @@ class RemoteBackend:
         return self._in_flight
 
     def models(self) -> list[ModelCard]:
-        return [ModelCard(id=self.model_id)]
+        return [self._card]
 
     def load(self) -> LoadReport:
         """The upstream's last `endpoint-load-metrics` report (its timestamp says when we got
@@ -176,12 +198,16 @@ class RemoteBackend:
 
     # -- Passthrough: the client's own body out, the upstream's own bytes back --------------------
 
-    async def chat_raw(self, request: ChatCompletionRequest, body: bytes | None) -> ChatCompletion:
-        data = await self._post("/chat/completions", self._body(request, body, stream=False))
+    async def chat_raw(
+        self, request: ChatCompletionRequest, body: bytes | None, *, first_byte_timeout_s: float | None = None
+    ) -> ChatCompletion:
+        data = await self._post("/chat/completions", self._body(request, body, stream=False), first_byte_timeout_s)
         return self._parse(ChatCompletion, data, request.model)
 
-    async def completion_raw(self, request: CompletionRequest, body: bytes | None) -> Completion:
-        data = await self._post("/completions", self._body(request, body, stream=False))
+    async def completion_raw(
+        self, request: CompletionRequest, body: bytes | None, *, first_byte_timeout_s: float | None = None
+    ) -> Completion:
+        data = await self._post("/completions", self._body(request, body, stream=False), first_byte_timeout_s)
         return self._parse(Completion, data, request.model)
 
     def chat_stream_raw(self, request: ChatCompletionRequest, body: bytes | None) -> AsyncIterator[RawChunk]:
@@ -217,7 +243,14 @@ class RemoteBackend:
             options = data.get("stream_options")
             if not isinstance(options, dict) or not options.get("include_usage"):
                 data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate in a field the request models do not declare (they reject
+            # one in theirs): the client's error, found where it is, and nothing is sent.
+            where = find_surrogate(data) or "body"
+            raise InvalidRequest(f"Invalid value for '{where}': must be valid Unicode text: it contains a lone surrogate", param=where) from None
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json"}
@@ -304,16 +337,18 @@ class RemoteBackend:
             f"upstream {self.name!r}", response.status, message, type=type_, code=code, param=param, retry_after=retry_after
         )
 
-    async def _post(self, path: str, body: bytes) -> Any:
-        """POST and return the parsed JSON answer (non-streamed): one total deadline."""
+    async def _post(self, path: str, body: bytes, first_byte_timeout_s: float | None = None) -> Any:
+        """POST and return the parsed JSON answer (non-streamed). The answer's start (its
+        response headers) must come within `first_byte_timeout_s` where given (the route's
+        first-token deadline: an upstream that accepts and never answers fails there, not at
+        the total), the whole answer within total_timeout_s."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.total_timeout_s
+        start = loop.time()
+        total_deadline = start + self.total_timeout_s
+        first_deadline = total_deadline if first_byte_timeout_s is None else min(start + first_byte_timeout_s, total_deadline)
         self._in_flight += 1
         try:
-            try:
-                status, payload = await _before(deadline, self._post_read(path, body))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise self._transport_error(exc, "total") from exc
+            status, payload = await self._post_read(path, body, first_deadline, total_deadline)
             if isinstance(status, BackendError):
                 raise status
             try:
@@ -323,15 +358,26 @@ class RemoteBackend:
         finally:
             self._in_flight -= 1
 
-    async def _post_read(self, path: str, body: bytes) -> tuple[int | BackendError, bytes]:
+    async def _post_read(self, path: str, body: bytes, first_deadline: float, total_deadline: float) -> tuple[int | BackendError, bytes]:
         """One POST read to the end: (status, or the error for a status >= 400; the body).
+        Its headers by `first_deadline`, its body by `total_deadline` (loop times).
         Cancelling it (the client left) closes the connection, so the upstream stops."""
-        async with self._client().post(self.base_url + path, data=body, headers=self._headers()) as response:
+        phase = "first byte" if first_deadline < total_deadline else "total"
+        try:
+            response = await _before(first_deadline, self._client().post(self.base_url + path, data=body, headers=self._headers()))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc, phase) from exc
+        try:  # release() closes a connection whose body was not read to the end
             self._note_response(response)
-            payload = await response.read()
-            if response.status >= 400:
-                return self._status_error(response, payload), payload
-            return response.status, payload
+            try:
+                payload = await _before(total_deadline, response.read())
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise self._transport_error(exc, "total") from exc
+        finally:
+            response.release()
+        if response.status >= 400:
+            return self._status_error(response, payload), payload
+        return response.status, payload
 
     async def _stream(self, path: str, body: bytes, parse: Callable[[Any, bytes], T]) -> AsyncIterator[T]:
         """POST with stream=true and yield each SSE `data:` event parsed, until [DONE].
@@ -434,6 +480,18 @@ async def _drained(response: aiohttp.ClientResponse, deadline: float) -> bool:
     except (aiohttp.ClientError, TimeoutError):
         return False
     return True
+
+
+def _max_model_len(data: Any, model: str) -> int | None:
+    """`max_model_len` of `model` in a /v1/models answer (the only entry's, when no id
+    matches: a one-model server may list it under another name), else None."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    cards = [e for e in entries if isinstance(e, dict)]
+    card = next((e for e in cards if e.get("id") == model), cards[0] if len(cards) == 1 else None)
+    length = card.get("max_model_len") if card is not None else None
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
 
 
 def _error_fields(payload: bytes) -> tuple[str, str | None, str | None, str | None]:

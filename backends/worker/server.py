@@ -2,8 +2,8 @@
 gateway until told to stop or orphaned.
 
 Run as `python -m backends.worker SPEC_JSON IN_ADDR OUT_ADDR` by `backends.worker.process`.
-Each request is a task: render and tokenize in a thread (CPU work proportional to the
-request must not stall the other streams), then run it. A paged engine (`DirectEngine`)
+Each request is a task: validate, render and tokenize in a thread (CPU work proportional to
+the request must not stall the other streams), then run it. A paged engine (`DirectEngine`)
 then sends each step's deltas to the pipe from its own thread, one message a step; other
 engines' deltas are forwarded by the task, and everything queued in one turn of the loop
 goes out as one message."""
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ log = logging.getLogger("turnout.worker")
 
 LOAD_INTERVAL_BUSY_S = 0.1  # load reports while requests run: fresh enough for routing
 LOAD_INTERVAL_IDLE_S = 0.5  # and the heartbeat when idle
+LARGE_BODY_BYTES = 64 * 1024  # requests above this are prepared with the cyclic GC paused
 # Requests the gateway aborted (its client left) while they were still being prepared or run;
 # carried in every load report's stats and exported by the gateway as `..._total` on /metrics.
 ABORTED = "turnout:requests_aborted"
@@ -193,9 +195,7 @@ class WorkerServer:
         rid = submit.request_id
         direct = False
         try:
-            model = ChatCompletionRequest if submit.kind == "chat" else CompletionRequest
-            request = model.model_validate_json(submit.body)
-            gen, prompt_text = await asyncio.to_thread(self.backend.prepare, submit.kind, request)
+            request, gen, prompt_text = await asyncio.to_thread(self._prepare, submit)
             echo = isinstance(request, CompletionRequest) and bool(request.echo)
             self.send(m.Started(rid, len(gen.prompt_tokens), prompt_text if echo else ""))
             if self._direct is not None:
@@ -226,6 +226,20 @@ class WorkerServer:
             self._tasks.pop(rid, None)
             if not direct:
                 self.send(self.load_message())  # rides with the last delta: fresh as the answer lands
+
+    def _prepare(self, submit: m.Submit) -> tuple[ChatCompletionRequest | CompletionRequest, GenerationRequest, str]:
+        """Validate, render, tokenize and check a request, in a thread: all of it grows with
+        the request, and the loop meanwhile forwards other requests' deltas and aborts."""
+        paused = len(submit.body) > LARGE_BODY_BYTES and gc.isenabled()
+        if paused:  # its allocations would set off full collections, GIL held (gateway.body)
+            gc.disable()
+        try:
+            request = m.decode_request(submit.kind, submit.body)
+            gen, prompt_text = self.backend.prepare(submit.kind, request)
+        finally:
+            if paused:
+                gc.enable()
+        return request, gen, prompt_text
 
 
 def _failed(rid: str, exc: BaseException, backend: str) -> m.Failed:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from backends.protocol import (
     BackendError,
@@ -27,10 +25,11 @@ from backends.protocol import (
     StreamOptions,
     UpstreamError,
 )
-from backends.remote.openai_http import RemoteBackend
+from backends.remote.openai_http import MODELS_TIMEOUT_S, RemoteBackend
 from backends.remote.upstream_errors import RemoteFailure, UpstreamClientError
 from policies.retry import Outcome, classify
-from tests.conftest import Server, free_port, llamacpp_config, start_server
+from tests.conftest import Server, asgi_in_thread, free_port, llamacpp_config, read_body, start_server
+from tests.integration.test_faults_input import SilentServer
 
 MODEL = "smollm2-135m"
 HELLO = [ChatMessage(role="user", content="Name three colours.")]
@@ -66,13 +65,13 @@ class ScriptedUpstream:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        if scope["method"] == "GET":  # /v1/models: a context length for "ok" alone
+            models = {"object": "list", "data": [{"id": "ok", "object": "model", "max_model_len": 4096}, {"id": "other", "object": "model"}]}
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(models).encode()})
+            return
         body = json.loads(raw)
         self.requests.append((scope["path"], headers, body))
         mode = body["model"]
@@ -121,17 +120,8 @@ class ScriptedUpstream:
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[tuple[str, ScriptedUpstream]]:
     app = ScriptedUpstream()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "scripted upstream did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(timeout=5)
+    with asgi_in_thread(app) as url:
+        yield url, app
 
 
 def remote(url: str, model: str, **kw: Any) -> RemoteBackend:
@@ -198,6 +188,65 @@ async def test_usage_turned_on_in_the_parsed_request_reaches_the_upstream(script
     finally:
         await backend.close()
     assert app.requests[-1][2] == {"model": "pings", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def test_start_learns_the_context_length_from_v1_models(scripted: tuple[str, ScriptedUpstream]) -> None:
+    known, unknown = remote(scripted[0], "ok"), remote(scripted[0], "boom")
+    gone = RemoteBackend("gone", MODEL, url=f"http://127.0.0.1:{free_port()}", model_id="alias")
+    try:
+        for backend in (known, unknown, gone):
+            await backend.start()  # an upstream that does not say, or is down, still starts
+    finally:
+        for backend in (known, unknown, gone):
+            await backend.close()
+    assert known.models()[0].max_model_len == 4096 and known.models()[0].id == "alias"
+    assert unknown.models()[0].max_model_len is None  # two models listed, none of them "boom"
+    assert gone.models()[0].max_model_len is None
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+async def test_an_upstream_that_never_answers_fails_at_the_first_byte_deadline(silent: SilentServer) -> None:
+    backend = RemoteBackend("mute", "m", url=silent.url, model_id="alias")
+    short = RemoteBackend("short", "m", url=silent.url, total_timeout_s=0.3)
+    started = time.monotonic()
+    await backend.start()  # /v1/models unanswered: bounded, and the context length unknown
+    assert time.monotonic() - started < MODELS_TIMEOUT_S + 1 and backend.models()[0].max_model_len is None
+    started = time.monotonic()
+    try:
+        with pytest.raises(RemoteFailure) as info:
+            await backend.chat_raw(chat_request(), None, first_byte_timeout_s=0.5)
+        elapsed = time.monotonic() - started
+        with pytest.raises(RemoteFailure) as whole:  # without it: the backend's own total deadline
+            await short.chat(chat_request())
+    finally:
+        await backend.close()
+        await short.close()
+    assert 0.45 <= elapsed < 3 and info.value.failure == "timeout" and "first byte" in info.value.message
+    assert classify(info.value) is Outcome.TIMEOUT and info.value.status == 502
+    assert whole.value.failure == "timeout" and "total" in whole.value.message
+    assert backend.in_flight == 0 and silent.accepted >= 3
+
+
+async def test_a_lone_surrogate_in_a_field_not_modelled_is_refused_unsent(scripted: tuple[str, ScriptedUpstream]) -> None:
+    url, app = scripted
+    backend = remote(url, "ok")
+    raw = b'{"model":"alias","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f\\ud800"}}]}'
+    seen = len(app.requests)
+    try:
+        with pytest.raises(InvalidRequest) as info:
+            await backend.chat_raw(chat_request(), raw)
+        with pytest.raises(InvalidRequest):
+            backend.chat_stream_raw(chat_request(stream=True), raw)
+    finally:
+        await backend.close()
+    assert info.value.status == 400 and info.value.param == "tools.0.function.name" and "surrogate" in info.value.message
+    assert len(app.requests) == seen
 
 
 def test_missing_api_key_env_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -344,6 +393,7 @@ async def test_chat_through_remote_matches_direct(node: RemoteBackend, llamacpp_
     # fallback before any header would say max_connections).
     report = node.load()
     assert report.healthy and report.max_running == 1 and report.running == 0
+    assert node.models()[0].max_model_len == 512  # the node's /v1/models: its n_ctx
 
 
 @pytest.mark.slow

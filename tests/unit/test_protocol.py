@@ -84,3 +84,57 @@ def test_load_report_header_round_trip() -> None:
 def test_load_report_ignores_unknown_metrics() -> None:
     back = LoadReport.from_header("TEXT cpu_utilization=0.3, named_metrics.running=4, named_metrics.other=1")
     assert back.running == 4 and back.waiting == 0
+
+
+# -- hostile input (issue 17) ------------------------------------------------------------------
+
+LONE = "\ud800"  # what JSON's "\ud800" decodes to: not encodable as UTF-8
+
+
+@pytest.mark.parametrize(
+    ("cls", "data", "loc"),
+    [
+        (ChatCompletionRequest, {**BASE, "messages": [{"role": "user", "content": f"a{LONE}"}]}, ("messages", 0, "content")),
+        (ChatCompletionRequest, {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]}, ("messages", 0, "content")),
+        (ChatCompletionRequest, {**BASE, "messages": [{"role": "user", "content": "hi", "name": LONE}]}, ("messages", 0, "name")),
+        (ChatCompletionRequest, {**BASE, "stop": LONE}, ("stop",)),
+        (ChatCompletionRequest, {**BASE, "user": LONE}, ("user",)),
+        (CompletionRequest, {"model": "m", "prompt": LONE}, ("prompt",)),
+        (CompletionRequest, {"model": "m", "prompt": [LONE]}, ("prompt",)),
+    ],
+)  # fmt: skip
+def test_lone_surrogates_are_rejected_where_they_are(cls: type, data: dict, loc: tuple) -> None:
+    with pytest.raises(ValidationError) as info:
+        cls.model_validate(data)
+    assert any(e["loc"][: len(loc)] == loc and "surrogate" in e["msg"] for e in info.value.errors())
+
+
+def test_surrogate_pairs_and_other_unicode_pass() -> None:
+    req = ChatCompletionRequest.model_validate({**BASE, "messages": [{"role": "user", "content": "héllo \U0001f600 ✓"}]})
+    assert req.messages[0].text().encode() == "héllo 😀 ✓".encode()
+
+
+def test_find_surrogate_names_the_path() -> None:
+    from backends.protocol import find_surrogate
+
+    assert find_surrogate({"tools": [{"function": {"name": "ok"}}, {"function": {"description": LONE}}]}) == "tools.1.function.description"
+    assert find_surrogate({LONE: 1}) == LONE and find_surrogate({"a": ["fine", 3, None]}) is None
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool"])
+def test_content_is_required_but_for_the_assistant(role: str) -> None:
+    for message in ({"role": role, "content": None}, {"role": role}):
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest.model_validate({**BASE, "messages": [message]})
+        assert info.value.errors()[0]["loc"] == ("messages", 0, "content")
+    for message in ({"role": "assistant", "content": None}, {"role": "assistant"}):
+        ChatCompletionRequest.model_validate({**BASE, "messages": [message]})
+
+
+@pytest.mark.parametrize("prompt", [[-1], [3, -7], [[0, -1]]])
+def test_negative_token_ids_are_rejected(prompt: object) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({**BASE, "logit_bias": {"-5": 1}})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [0, 5]}).single_prompt() == [0, 5]

@@ -136,3 +136,27 @@ def test_fallback_cycles_and_unknown_strategies_are_rejected() -> None:
         parse_config(cycle)
     with pytest.raises(ConfigError, match="unknown routing strategy 'fastest'"):
         parse_config(base + "routes:\n  - {model: x, backends: [a], strategy: fastest}\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        # The entry at fault is named with its own line, not the top of the file.
+        ("backends:\n  - {name: a, kind: llamacpp, model: m}\nroutes:\n  - model: chat\n    backends:\n      - a\n      - zz\n",
+         "7: routes.0.backends.1: route 'chat' names unknown backends ['zz']"),
+        ("backends:\n  - {name: a, kind: llamacpp, model: m}\n  - {name: a, kind: llamacpp, model: n}\n",
+         "3: backends.1.name: backend names must be unique"),
+        ("backends:\n  - {name: a, kind: llamacpp, model: m}\nroutes:\n  - {model: x, backends: [a]}\n  - {model: y, backends: [a], fallbacks: [x, q]}\n",
+         "5: routes.1.fallbacks.1: route 'y' falls back to unknown models ['q']"),
+        ("auth: {store: redis}\nbackends:\n  - {name: a, kind: llamacpp, model: m}\n", "1: auth.store: keys kept in redis need a `redis` section"),
+    ],
+    ids=["unknown-backend", "duplicate-name", "unknown-fallback", "redis-store"],
+)  # fmt: skip
+def test_cross_reference_errors_name_their_line(tmp_path, text: str, where: str) -> None:  # type: ignore[no-untyped-def]
+    """What a reload reads a policy with (load_config) locates each at its entry."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}:{where}" in str(info.value)
+    assert "(top level)" not in str(info.value)
