@@ -30,7 +30,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from backends.generation import GenerationDelta, GenerationRequest, SamplingParams
+from backends.generation import GenerationDelta, GenerationRequest, SamplingParams, TokenLogprob
 from backends.llamacpp.cpu_variants import load_cpu_backend
 from backends.llamacpp.options import LlamaCppOptions
 from backends.local import LocalBackend
@@ -49,6 +49,8 @@ Emit = Callable[[GenerationDelta | BaseException], None]
 
 class LlamaCppBackend(LocalBackend):
     """GGUF models on llama.cpp (CPU here; Metal or CUDA where llama-cpp-python was built so)."""
+
+    supports_logprobs = True  # read from the last eval's logits (`_token_logprob`)
 
     def __init__(self, name: str, model: str, model_id: str | None = None, **options: Any) -> None:
         opts = LlamaCppOptions.from_dict(options)  # unknown options fail at config load
@@ -249,6 +251,7 @@ class LlamaCppBackend(LocalBackend):
         )
         count = 0
         finish = "length"
+        bias = _bias_arrays(sp) if sp.logprobs is not None and sp.logit_bias else None
         try:
             for token in tokens:
                 if cancel.is_set():
@@ -258,15 +261,39 @@ class LlamaCppBackend(LocalBackend):
                     finish = "stop"
                     break
                 count += 1
+                # Before the generator's next step: the context still holds this token's logits.
+                lp = None if sp.logprobs is None else [self._token_logprob(llm, token, sp.logprobs, bias)]
                 text, hit = stops.feed(decoder.decode(llm.detokenize([token])))
                 if hit:
-                    return GenerationDelta(text, [token], "stop")
+                    return GenerationDelta(text, [token], "stop", lp)
                 if count >= sp.max_tokens:
-                    return GenerationDelta(text + decoder.decode(b"", final=True) + stops.flush(), [token], "length")
-                emit(GenerationDelta(text, [token]))
+                    return GenerationDelta(text + decoder.decode(b"", final=True) + stops.flush(), [token], "length", lp)
+                emit(GenerationDelta(text, [token], logprobs=lp))
         finally:
             tokens.close()
         return GenerationDelta(decoder.decode(b"", final=True) + stops.flush(), [], finish)
+
+    def _token_logprob(
+        self, llm: llama_cpp.Llama, token: int, k: int, bias: tuple[np.ndarray, np.ndarray] | None
+    ) -> TokenLogprob:
+        """The sampled token's log-probability and the k likeliest tokens', from the logits of
+        the eval that produced it (the context's last output row), as the paged engine reports
+        them: log-softmax of the model's logits with logit_bias added, before penalties,
+        temperature, truncation and grammar (vLLM's default, "raw" logprobs)."""
+        n_vocab = llm.n_vocab()
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        logits = row.astype(np.float64)  # a copy: the context's buffer is left as it was
+        if bias is not None:
+            logits[bias[0]] += bias[1]
+        top = logits.max()
+        logp = logits - (top + np.log(np.exp(logits - top).sum()))
+        alternatives: list[tuple[str, float]] = []
+        if k > 0:
+            k = min(k, n_vocab)
+            ids = np.argpartition(-logp, k - 1)[:k]
+            ids = ids[np.lexsort((ids, -logp[ids]))]  # likeliest first; ties by id, as greedy picks
+            alternatives = [(self._token_text(llm, int(i)), float(logp[i])) for i in ids]
+        return TokenLogprob(token, self._token_text(llm, token), float(logp[token]), alternatives)
 
     def _grammar(self) -> llama_cpp.LlamaGrammar:
         if self._json_grammar is None:
@@ -345,9 +372,12 @@ def _cut_pattern(specials: dict[bytes, int]) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(t) for t in sorted(safe, key=len, reverse=True)))
 
 
+def _bias_arrays(sp: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(list(sp.logit_bias), dtype=np.int64), np.array(list(sp.logit_bias.values()), dtype=np.float32)
+
+
 def _bias_processor(sp: SamplingParams) -> llama_cpp.LogitsProcessorList:
-    ids = np.array(list(sp.logit_bias), dtype=np.int64)
-    values = np.array(list(sp.logit_bias.values()), dtype=np.float32)
+    ids, values = _bias_arrays(sp)
 
     def add_bias(_: Any, scores: np.ndarray) -> np.ndarray:
         scores[ids] += values

@@ -402,3 +402,91 @@ def test_logit_bias_bans_a_token(client: openai.OpenAI, vocab: llama_cpp.Llama) 
         model=MODEL, prompt="1, 2, 3, 4,", max_tokens=1, temperature=0, logit_bias={str(banned[0]): -100}
     )
     assert biased.choices[0].text != free
+
+
+# -- logprobs ------------------------------------------------------------------------------------
+
+
+def test_chat_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    choice = r.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    for t in content:
+        assert t.logprob <= 0.0 and t.bytes == list(t.token.encode())
+        assert len(t.top_logprobs) == 3
+        tops = [a.logprob for a in t.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and all(lp <= 0.0 for lp in tops)
+        # Greedy: the chosen token is the likeliest, with the same logprob.
+        assert t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+    assert "".join(t.token for t in content) == choice.message.content
+    # Asking for logprobs changes nothing about the text.
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    assert plain.choices[0].message.content == choice.message.content and plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_without_top_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0, logprobs=True)
+    content = r.choices[0].logprobs.content
+    assert content and all(t.logprob <= 0.0 and t.top_logprobs == [] for t in content)
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0, logprobs=2)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    n = r.usage.completion_tokens
+    assert n > 0 and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == sorted(lp.text_offset) and len(set(lp.text_offset)) == n and lp.text_offset[0] == 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0.0 and len(top) == 2
+        assert max(top, key=top.get) == token and top[token] == pytest.approx(logprob)
+
+
+def test_logprobs_are_of_the_biased_distribution(client: openai.OpenAI, vocab: llama_cpp.Llama) -> None:
+    free = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=1, temperature=0, logprobs=3)
+    best = free.choices[0].logprobs.tokens[0]
+    (banned,) = vocab.tokenize(best.encode(), add_bos=False, special=False)
+    biased = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=1, temperature=0, logprobs=3, logit_bias={str(banned): -100}
+    )
+    lp = biased.choices[0].logprobs
+    assert lp.tokens[0] != best and best not in lp.top_logprobs[0]
+    assert lp.token_logprobs[0] > free.choices[0].logprobs.token_logprobs[0] - 20  # a real distribution, renormalised
+
+
+def test_streamed_chat_logprobs(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    chunks = [
+        c
+        for c in client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2, stream=True
+        )
+        if c.choices and c.choices[0].delta.content
+    ]
+    assert chunks
+    streamed = []
+    for c in chunks:
+        lp = c.choices[0].logprobs
+        assert lp is not None and lp.content
+        assert "".join(t.token for t in lp.content) == c.choices[0].delta.content
+        streamed += lp.content
+    whole = full.choices[0].logprobs.content
+    assert [(t.token, t.top_logprobs[0].token) for t in streamed] == [(t.token, t.top_logprobs[0].token) for t in whole]
+    for a, b in zip(streamed, whole):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_streamed_completion_logprobs(client: openai.OpenAI) -> None:
+    chunks = [
+        c
+        for c in client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0, logprobs=1, stream=True)
+        if c.choices and c.choices[0].text
+    ]
+    assert chunks
+    for c in chunks:
+        lp = c.choices[0].logprobs
+        assert lp is not None and "".join(lp.tokens) == c.choices[0].text
+        assert all(v <= 0.0 for v in lp.token_logprobs) and all(len(t) == 1 for t in lp.top_logprobs)
