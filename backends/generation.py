@@ -7,6 +7,7 @@ The OpenAI-facing adapter (`backends.local.LocalBackend`) turns wire requests in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from backends.protocol import ContextLengthExceeded
 
@@ -51,7 +52,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
-    json_mode: bool = False
+    json_mode: bool = False  # any JSON value (response_format json_object)
+    json_schema: dict[str, Any] | None = None  # output must validate against it (response_format json_schema)
 
     @property
     def greedy(self) -> bool:

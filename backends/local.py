@@ -14,6 +14,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from backends import responses
 from backends.chat_template import render_chat
@@ -75,6 +76,12 @@ class LocalBackend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model."""
 
+    def check_json_schema(self, schema: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Raise InvalidRequest (param `response_format`) for a JSON Schema (already valid as
+        one) that this backend cannot constrain its output to. Runs in `prepare`'s thread,
+        before generation starts. Engines without any JSON-schema support refuse the request
+        in their own validation (the paged engine's `validate`)."""
+
     # -- the Backend protocol ---------------------------------------------------------
 
     def models(self) -> list[ModelCard]:
@@ -116,8 +123,11 @@ class LocalBackend(abc.ABC):
             prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos)
             self.check_length_estimate(len(prompt), request.output_limit(), "messages")
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
-            json_mode = bool(request.response_format and request.response_format.type == "json_object")
-            return self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, json_mode), prompt
+            fmt = request.response_format
+            json_mode = bool(fmt and fmt.type == "json_object")
+            schema = fmt.schema_object() if fmt is not None else None
+            gen = self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, json_mode, schema)
+            return gen, prompt
         assert isinstance(request, CompletionRequest)
         single = request.single_prompt()
         if isinstance(single, str):
@@ -157,6 +167,7 @@ class LocalBackend(abc.ABC):
         max_tokens: int | None,
         logprobs: int | None,
         json_mode: bool,
+        json_schema: dict[str, Any] | None = None,
     ) -> GenerationRequest:
         if logprobs is not None and not self.supports_logprobs:
             raise InvalidRequest(f"backend {self.name!r} does not return logprobs", param="logprobs")
@@ -179,5 +190,8 @@ class LocalBackend(abc.ABC):
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
             json_mode=json_mode,
+            json_schema=json_schema,
         )
+        if json_schema is not None:
+            self.check_json_schema(json_schema)
         return GenerationRequest(request_id=uuid.uuid4().hex, prompt_tokens=prompt_tokens, sampling=sampling)

@@ -14,7 +14,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # ---------------------------------------------------------------------------
 # Requests
@@ -100,8 +109,53 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+def _check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema`, when it is a valid JSON Schema (draft 2020-12's metaschema); otherwise a
+    ValueError naming the offending keyword and where it is."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(map(str, exc.path)) or "(root)"
+        keyword = exc.path[-1] if exc.path else exc.validator
+        raise ValueError(
+            f"invalid JSON Schema: keyword {keyword!r} at {where}: {exc.message} (fails the metaschema's {exc.validator!r})"
+        ) from None
+    return schema
+
+
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`, as OpenAI's Structured Outputs define it."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    # `schema` would shadow BaseModel.schema(): the field is `schema_`, "schema" on the wire.
+    schema_: Annotated[dict[str, Any], AfterValidator(_check_json_schema)] = Field(alias="schema")
+    strict: bool | None = None
+
+    @model_serializer(mode="wrap")
+    def _wire_names(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        data = handler(self)
+        if "schema_" in data:
+            data["schema"] = data.pop("schema_")
+        return data
+
+
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema is required when response_format.type is 'json_schema'")
+        return self
+
+    def schema_object(self) -> dict[str, Any] | None:
+        """The JSON Schema output must follow, when type is json_schema."""
+        return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema is not None else None
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

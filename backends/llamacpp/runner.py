@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
+import json
 import logging
 import os
 import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +45,13 @@ log = logging.getLogger("turnout.llamacpp")
 # What llama.cpp's tokenizer carves out of a text as special tokens (its cache_special_tokens).
 _SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
 TOKENIZE_PIECE_CHARS = 2048  # longer texts are tokenized in pieces of about this size (1-2 KiB measured best)
+GRAMMAR_CACHE_SIZE = 64  # JSON-schema grammars kept, keyed by the schema's JSON text (least recently used out)
+# llama.cpp parses a grammar recursively: a small schema such as {"type": "string", "maxLength":
+# 30000} becomes a GBNF of 30,000 nested groups, and parsing it overflowed the stack (a segfault,
+# measured; 10,000 parsed). Deeper or larger grammars are refused before llama.cpp sees them.
+MAX_GRAMMAR_DEPTH = 4096
+MAX_GRAMMAR_BYTES = 1 << 20
+_GBNF_LITERALS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')
 
 Emit = Callable[[GenerationDelta | BaseException], None]
 
@@ -76,6 +85,8 @@ class LlamaCppBackend(LocalBackend):
         self._bos_text = ""
         self._eos_text = ""
         self._json_grammar: llama_cpp.LlamaGrammar | None = None
+        self._schema_grammars: OrderedDict[str, llama_cpp.LlamaGrammar] = OrderedDict()
+        self._schema_lock = threading.Lock()  # prepare's threads and the generating ones share the cache
         self._cut: re.Pattern[str] | None = None  # where a long text may be cut for tokenizing
         self.cpu_variant = ""  # the ggml CPU variant in use, once started
 
@@ -247,7 +258,7 @@ class LlamaCppBackend(LocalBackend):
             frequency_penalty=sp.frequency_penalty,
             presence_penalty=sp.presence_penalty,
             logits_processor=_bias_processor(sp) if sp.logit_bias else None,
-            grammar=self._grammar() if sp.json_mode else None,
+            grammar=self._grammar_for(sp),
         )
         count = 0
         finish = "length"
@@ -294,6 +305,59 @@ class LlamaCppBackend(LocalBackend):
             ids = ids[np.lexsort((ids, -logp[ids]))]  # likeliest first; ties by id, as greedy picks
             alternatives = [(self._token_text(llm, int(i)), float(logp[i])) for i in ids]
         return TokenLogprob(token, self._token_text(llm, token), float(logp[token]), alternatives)
+
+    def check_json_schema(self, schema: dict[str, Any]) -> None:
+        """Build (and cache) the schema's grammar in prepare's thread, so that a schema the
+        converter cannot take is a 400 before generation starts."""
+        self._schema_grammar(schema)
+
+    def _grammar_for(self, sp: SamplingParams) -> llama_cpp.LlamaGrammar | None:
+        if sp.json_schema is not None:
+            return self._schema_grammar(sp.json_schema)
+        return self._grammar() if sp.json_mode else None
+
+    def _schema_grammar(self, schema: dict[str, Any]) -> llama_cpp.LlamaGrammar:
+        """GBNF for a JSON Schema (llama-cpp-python's converter), parsed once by llama.cpp here:
+        a grammar it cannot parse would give a null sampler at generation time. CPU work: call
+        it off the event loop. Cached by the schema's JSON text (property order matters: it is
+        the order of the output's keys)."""
+        key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+        with self._schema_lock:
+            grammar = self._schema_grammars.get(key)
+            if grammar is not None:
+                self._schema_grammars.move_to_end(key)
+                return grammar
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            gbnf = json_schema_to_gbnf(key)
+        except Exception as exc:  # the converter asserts on what it does not support
+            raise InvalidRequest(
+                f"response_format json_schema cannot be served by the llama.cpp runner: {exc}", param="response_format"
+            ) from None
+        depth = _grammar_depth(gbnf)
+        if depth > MAX_GRAMMAR_DEPTH or len(gbnf) > MAX_GRAMMAR_BYTES:
+            raise InvalidRequest(
+                f"response_format json_schema cannot be served by the llama.cpp runner: its grammar is too large "
+                f"({len(gbnf)} bytes, nesting depth {depth}; at most {MAX_GRAMMAR_BYTES} and {MAX_GRAMMAR_DEPTH}): "
+                f"lower maxLength, minItems/maxItems or the schema's nesting",
+                param="response_format",
+            )
+        grammar = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+        vocab = self._pool[0]._model.vocab  # noqa: SLF001 - read-only: safe beside a generating thread
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), grammar._root.encode())  # noqa: SLF001
+        if not sampler:
+            raise InvalidRequest(
+                "response_format json_schema cannot be served by the llama.cpp runner: llama.cpp refused the "
+                "grammar made from it (too many repetitions: lower maxLength or minItems/maxItems)",
+                param="response_format",
+            )
+        llama_cpp.llama_sampler_free(sampler)
+        with self._schema_lock:
+            self._schema_grammars[key] = grammar
+            while len(self._schema_grammars) > GRAMMAR_CACHE_SIZE:
+                self._schema_grammars.popitem(last=False)
+        return grammar
 
     def _grammar(self) -> llama_cpp.LlamaGrammar:
         if self._json_grammar is None:
@@ -370,6 +434,16 @@ def _cut_pattern(specials: dict[bytes, int]) -> re.Pattern[str] | None:
     if not safe:
         return None
     return re.compile("|".join(re.escape(t) for t in sorted(safe, key=len, reverse=True)))
+
+
+def _grammar_depth(gbnf: str) -> int:
+    """The deepest nesting of groups in a GBNF text (string literals and character classes,
+    which may hold parentheses, left out)."""
+    depth = deepest = 0
+    for paren in re.findall(r"[()]", _GBNF_LITERALS.sub("", gbnf)):
+        depth += 1 if paren == "(" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _bias_arrays(sp: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

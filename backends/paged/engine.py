@@ -115,6 +115,8 @@ class LLMEngine:
         s = request.sampling
         if s.json_mode:
             raise InvalidRequest("response_format json_object is not supported by the paged backend", param="response_format")
+        if s.json_schema is not None:
+            raise InvalidRequest("response_format json_schema is not supported by the paged backend", param="response_format")
         if not request.prompt_tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if s.max_tokens < 1:

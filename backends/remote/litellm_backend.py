@@ -251,8 +251,9 @@ class LiteLLMBackend:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
             for m in request.messages
         ]
-        if request.response_format is not None and request.response_format.type == "json_object":
-            kwargs["response_format"] = {"type": "json_object"}
+        if request.response_format is not None and request.response_format.type != "text":
+            # json_object and json_schema as OpenAI spells them; litellm maps them per provider.
+            kwargs["response_format"] = request.response_format.model_dump(exclude_none=True)
         return kwargs
 
     def _completion_kwargs(self, request: CompletionRequest) -> dict[str, Any]:

@@ -490,3 +490,82 @@ def test_streamed_completion_logprobs(client: openai.OpenAI) -> None:
         lp = c.choices[0].logprobs
         assert lp is not None and "".join(lp.tokens) == c.choices[0].text
         assert all(v <= 0.0 for v in lp.token_logprobs) and all(len(t) == 1 for t in lp.top_logprobs)
+
+
+# -- response_format json_schema ------------------------------------------------------------------
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+PERSON_ASK = [{"role": "user", "content": "Invent a person: give their name and age."}]
+
+
+def test_json_schema_response_format_validates(client: openai.OpenAI) -> None:
+    import jsonschema
+
+    r = client.chat.completions.create(
+        model=MODEL, messages=PERSON_ASK, max_tokens=200, temperature=0, response_format=PERSON_FORMAT
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), PERSON_SCHEMA)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=PERSON_ASK, max_tokens=200, temperature=0, response_format=PERSON_FORMAT, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+    assert text == choice.message.content
+
+
+@pytest.mark.parametrize(
+    ("json_schema", "param", "words"),
+    [
+        ({"name": "p", "schema": {"type": "object", "properties": 5}}, "response_format.json_schema.schema", "'properties'"),
+        ({"name": "p", "schema": {"type": "objekt"}}, "response_format.json_schema.schema", "'type'"),
+        ({"name": "p", "schema": "an object"}, "response_format.json_schema.schema", ""),
+        ({"schema": PERSON_SCHEMA}, "response_format.json_schema.name", ""),
+        ({"name": "has space", "schema": PERSON_SCHEMA}, "response_format.json_schema.name", ""),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_json_schemas_are_400(llamacpp_server: Server, json_schema: dict, param: str, words: str, stream: bool) -> None:
+    body = {"model": MODEL, "messages": HELLO, "stream": stream, "response_format": {"type": "json_schema", "json_schema": json_schema}}
+    err = assert_openai_error(_post(llamacpp_server, "/chat/completions", json=body), 400, param=param)
+    assert words in err["message"]
+
+
+def test_json_schema_without_its_object_is_400(llamacpp_server: Server) -> None:
+    body = {"model": MODEL, "messages": HELLO, "response_format": {"type": "json_schema"}}
+    err = assert_openai_error(_post(llamacpp_server, "/chat/completions", json=body), 400, param="response_format")
+    assert "json_schema" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"not": {"type": "string"}}, "Unrecognized schema"),  # valid, but the converter has no grammar for `not`
+        ({"type": "string", "maxLength": 4000}, "too many repetitions"),  # llama.cpp refuses the grammar
+        ({"type": "string", "maxLength": 30000}, "too large"),  # parsing it would overflow llama.cpp's stack
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_the_grammar_cannot_take_is_400_before_any_byte(
+    client: openai.OpenAI, schema: dict, words: str, stream: bool
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, response_format=fmt, stream=stream)
+        if stream:
+            list(r)
+    assert caught.value.status_code == 400
+    err = caught.value.body
+    assert err["param"] == "response_format" and words in err["message"]
+    # The engine worker is still there.
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices[0].finish_reason

@@ -200,3 +200,14 @@ async def test_keep_alive_is_refused_not_dropped(backend: LiteLLMBackend, provid
     with pytest.raises(InvalidRequest) as err:
         await backend.chat(chat(keep_alive="10m"))
     assert err.value.status == 400 and err.value.param == "keep_alive" and not provider.called
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "person", "schema": {"type": "object"}, "strict": True}}],
+)
+def test_response_format_reaches_litellm_as_openai_spells_it(backend: LiteLLMBackend, response_format: dict) -> None:
+    request = ChatCompletionRequest.model_validate(
+        {"model": "haiku", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+    )
+    assert backend._chat_kwargs(request)["response_format"] == response_format  # never dropped
