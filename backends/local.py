@@ -119,6 +119,9 @@ class LocalBackend(abc.ABC):
         fit by its length alone is refused before it is tokenized (check_length_estimate)."""
         if kind == "chat":
             assert isinstance(request, ChatCompletionRequest)
+            tool_param = request.tool_calling_param()
+            if tool_param is not None:
+                raise InvalidRequest(f"tool calling is not supported by backend {self.name!r} yet", param=tool_param)
             template, bos, eos = self.chat_template()
             prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos)
             self.check_length_estimate(len(prompt), request.output_limit(), "messages")

@@ -87,6 +87,10 @@ class ChatMessage(_Request):
     # Validated when missing too: only an assistant message may go without content.
     content: Text | list[TextContentPart] | None = Field(default=None, validate_default=True)
     name: Text | None = None
+    # Tool calling's history, modelled so that a backend that cannot honour it can say so
+    # (remote backends forward the client's own body, where it travels untouched).
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: Text | None = None
 
     @field_validator("content", mode="after")
     @classmethod
@@ -255,10 +259,27 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def output_limit(self) -> int | None:
         """max_completion_tokens wins over the deprecated max_tokens, as in OpenAI."""
         return self.max_completion_tokens or self.max_tokens
+
+    def tool_calling_param(self) -> str | None:
+        """The first tool-calling field this request uses, as its param name (None: none), for
+        backends that cannot serve tool calling to refuse it by name rather than drop it."""
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice"
+        for i, message in enumerate(self.messages):
+            if message.tool_calls:
+                return f"messages.{i}.tool_calls"
+            if message.tool_call_id is not None:
+                return f"messages.{i}.tool_call_id"
+        return None
 
 
 class CompletionRequest(_SamplingFields):

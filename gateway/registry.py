@@ -133,8 +133,8 @@ class BackendRegistry:
     async def update(self, config: Config) -> list[Backend]:
         """Adopt a new config's backends. New or changed ones are built and started before
         anything switches (a failure leaves the registry as it was); returns the backends no
-        longer used, for the caller to close once their requests are done."""
-        check_options(config)
+        longer used, for the caller to close once their requests are done. (Options were
+        checked when the policy was read: gateway.policy_file.)"""
         fresh = {b.name: b for b in config.backends if self.configs.get(b.name) != b}
         built = {name: build_backend(cfg, self.residency) for name, cfg in fresh.items()}
         try:

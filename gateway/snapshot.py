@@ -15,9 +15,10 @@ from gateway.ratelimit import InProcessStore, Limiter, LimiterMetrics, RedisStor
 from gateway.samples import default_log_path
 from policies.schema import AuthConfig, Config, ConfigError
 
-# What a running process cannot change: the socket is bound. A reload that changes one of
-# these is rejected, naming it, rather than half-applied.
-RESTART_ONLY = ("host", "port")
+# What a running process cannot change: the socket is bound, and its protocol (header
+# timeout, connection cap: gateway.connections) was built with it. A reload that changes one
+# of these is rejected, naming it, rather than half-applied.
+RESTART_ONLY = ("host", "port", "header_timeout_s", "max_connections")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def check_restart_only(started: Config, new: Config) -> None:
     changed = [f for f in RESTART_ONLY if getattr(started.server, f) != getattr(new.server, f)]
     if changed:
         fields = ", ".join(f"server.{f} ({getattr(started.server, f)!r} -> {getattr(new.server, f)!r})" for f in changed)
-        raise ConfigError(f"{fields}: the listening address changes only at a restart; restart the gateway to apply it")
+        raise ConfigError(f"{fields}: the listening socket's settings change only at a restart; restart the gateway to apply them")
 
 
 def build_access(config: Config, metrics: LimiterMetrics, previous: Snapshot | None = None) -> tuple[Authenticator, Limiter]:

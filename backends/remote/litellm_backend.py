@@ -44,6 +44,8 @@ T = TypeVar("T")
 
 _FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "tool_calls", "function_call": "tool_calls"}
 _litellm: Any = None
+# Request fields this backend neither passes to litellm nor reads back from its answers.
+_UNFORWARDED = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias", "logprobs", "top_logprobs", "echo")
 
 
 def _lib() -> Any:
@@ -222,11 +224,17 @@ class LiteLLMBackend:
     def _common(self, request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         if request.keep_alive is not None:  # no provider keeps a model loaded on request
             raise InvalidRequest(f"keep_alive applies to local models; backend {self.name!r} ({self.model}) cannot honour it", param="keep_alive")
+        for param in _UNFORWARDED:  # what this backend does not pass on or read back: refused, never dropped
+            if getattr(request, param, None) not in (None, False):
+                raise InvalidRequest(f"{param} is not supported by backend {self.name!r} ({self.model})", param=param)
+        if isinstance(request, ChatCompletionRequest) and (tool_param := request.tool_calling_param()) is not None:
+            raise InvalidRequest(f"tool calling is not supported by backend {self.name!r} yet", param=tool_param)
         kwargs: dict[str, Any] = {
             "model": self.model,
             "timeout": self.total_timeout_s,
             "num_retries": 0,  # the gateway retries, across replicas and fallbacks
-            "drop_params": True,  # a sampling knob the provider lacks is dropped, as OpenAI-compatible servers ignore it
+            # A field the provider lacks is a 400 naming it (litellm's UnsupportedParamsError), never dropped.
+            "drop_params": False,
             **self.litellm_kwargs,
         }
         if self.api_key:
@@ -326,6 +334,9 @@ class LiteLLMBackend:
         upstream_status = next((c.response.status_code for c in chain if isinstance(c, httpx.HTTPStatusError)), None)
         status = upstream_status or getattr(exc, "status_code", None)
         message = _provider_message(str(getattr(exc, "message", "") or exc))
+        if isinstance(exc, ex.UnsupportedParamsError):  # raised before anything is sent
+            text = str(getattr(exc, "message", "") or exc).removeprefix("litellm.UnsupportedParamsError: ")
+            return InvalidRequest(f"backend {self.name!r}: {text.split('. To drop', 1)[0]}")
         if isinstance(exc, ex.ContextWindowExceededError):
             return ContextLengthExceeded(message, param="messages")
         if isinstance(exc, ex.APIConnectionError) or any(isinstance(c, (httpx.ConnectError, httpx.ConnectTimeout)) for c in chain):

@@ -569,3 +569,26 @@ def test_json_schema_the_grammar_cannot_take_is_400_before_any_byte(
     assert err["param"] == "response_format" and words in err["message"]
     # The engine worker is still there.
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices[0].finish_reason
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [TOOL], "tool_choice": "required"}, "tools"),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": "Weather?"},
+                          {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]},
+            "messages.1.tool_calls",
+        ),
+    ],
+)
+def test_tool_calling_the_runner_cannot_serve_is_a_400_naming_it(client: openai.OpenAI, extra: dict, param: str) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, **extra}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**body)
+    assert info.value.status_code == 400 and info.value.body["param"] == param  # never silently ignored

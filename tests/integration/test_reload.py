@@ -70,11 +70,12 @@ def test_a_reload_applies_the_body_cap_and_turns_auth_on(gateway: Server, tmp_pa
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_a_reload_that_moves_the_port_is_rejected_naming_it(gateway: Server) -> None:
+@pytest.mark.parametrize(("field", "value"), [("port", 9), ("header_timeout_s", 3.0), ("max_connections", 7)])
+def test_a_reload_that_changes_the_socket_is_rejected_naming_it(gateway: Server, field: str, value: object) -> None:
     config = yaml.safe_load(gateway.config_path.read_text())
-    config["server"]["port"] = 9
+    config["server"][field] = value
     config["limits"] = {"key": {"rpm": 1}}  # would apply, were the policy accepted
     answer = reload_with(gateway, config)
     assert answer.status_code == 400
-    assert "server.port" in answer.json()["error"]["message"]
+    assert f"server.{field}" in answer.json()["error"]["message"]
     assert [complete(gateway).status_code for _ in range(2)] == [502, 502]  # the old policy serves

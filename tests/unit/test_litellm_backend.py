@@ -13,7 +13,7 @@ import httpx
 import pytest
 import respx
 
-from backends.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ContextLengthExceeded, Overloaded
+from backends.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ContextLengthExceeded, InvalidRequest, Overloaded
 from backends.remote.litellm_backend import LiteLLMBackend
 from backends.remote.upstream_errors import RemoteFailure, UpstreamClientError
 from policies.retry import Outcome, classify
@@ -211,3 +211,29 @@ def test_response_format_reaches_litellm_as_openai_spells_it(backend: LiteLLMBac
         {"model": "haiku", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
     )
     assert backend._chat_kwargs(request)["response_format"] == response_format  # never dropped
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"top_k": 5}, "top_k"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ],
+)
+async def test_what_is_not_passed_on_is_refused_by_name(
+    backend: LiteLLMBackend, provider: respx.Route, extra: dict, param: str
+) -> None:
+    request = ChatCompletionRequest.model_validate({"model": "haiku", "messages": [{"role": "user", "content": "hi"}], **extra})
+    with pytest.raises(InvalidRequest) as info:
+        await backend.chat(request)
+    assert info.value.status == 400 and info.value.param == param
+    assert not provider.called
+
+
+async def test_a_field_the_provider_lacks_is_a_400_not_dropped(backend: LiteLLMBackend, provider: respx.Route) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await backend.chat(chat(seed=7))  # Anthropic has no seed
+    assert info.value.status == 400 and "seed" in info.value.message
+    assert not provider.called
