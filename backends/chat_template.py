@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -9,7 +10,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from backends.protocol import ChatMessage, InvalidRequest
+from backends.protocol import ChatMessage, InvalidRequest, ToolDefinition
+from backends.tools.formats import template_format
+from backends.tools.prompt import template_messages
 
 # Used when a model file carries no template: ChatML, which SmolLM2 and Qwen use.
 CHATML_TEMPLATE = (
@@ -24,11 +27,19 @@ def _raise(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
+def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """JSON as Hugging Face's template environment writes it (templates are written against
+    it): keys in their order and no HTML escaping, where Jinja's own filter sorts the keys and
+    escapes <, > and &."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     return env.from_string(source)
 
 
@@ -39,18 +50,23 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    tools: list[ToolDefinition] | None = None,
 ) -> str:
-    """Render messages into the prompt text the model was trained on."""
-    plain: list[dict[str, Any]] = [{"role": m.role, "content": m.text()} for m in messages]
-    for m in plain:
-        if m["role"] == "developer":  # OpenAI's newer name for the system role
-            m["role"] = "system"
+    """Render messages (and the tools offered, with their call history) into the prompt text
+    the model was trained on: through the template itself where it renders tools, else with
+    turnout's fallback tool prompt (backends.tools.prompt)."""
+    source = template or CHATML_TEMPLATE
+    plain, tool_list = template_messages(messages, tools or [], native=template_format(source) is not None)
+    context: dict[str, Any] = {}
+    if tool_list is not None:
+        context["tools"] = tool_list
     try:
-        return _compile(template or CHATML_TEMPLATE).render(
+        return _compile(source).render(
             messages=plain,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
+            **context,
         )
     except jinja2.exceptions.TemplateError as exc:
         # Templates reject e.g. a conversation that does not alternate roles.

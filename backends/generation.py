@@ -7,9 +7,12 @@ The OpenAI-facing adapter (`backends.local.LocalBackend`) turns wire requests in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from backends.protocol import ContextLengthExceeded
+
+if TYPE_CHECKING:
+    from backends.grammar import Constraint
 
 
 def output_budget(prompt_len: int, max_tokens: int | None, window: int) -> int:
@@ -52,8 +55,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
-    json_mode: bool = False  # any JSON value (response_format json_object)
-    json_schema: dict[str, Any] | None = None  # output must validate against it (response_format json_schema)
+    n: int = 1  # choices generated from the one prompt (OpenAI's n); choice i is seeded seed + i
+    # An llguidance grammar (backends.grammar) the output must follow: response_format or a
+    # required tool call. Compiled against the model's vocabulary in `prepare`, as
+    # GenerationRequest.constraint.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +74,9 @@ class GenerationRequest:
     prompt_tokens: list[int]
     sampling: SamplingParams
     priority: int = 0  # lower runs first (0: interactive, 1: batch)
+    # sampling.grammar compiled for this model (a backends.grammar.Constraint), fresh for this
+    # request: an engine copies it for each further choice. In process only, never on a pipe.
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -82,9 +91,13 @@ class TokenLogprob:
 
 @dataclass
 class GenerationDelta:
-    """New output since the previous delta. Text never contains (part of) a stop string."""
+    """New output of one choice since its previous delta. Text never contains (part of) a
+    stop string. A request's deltas end with the one whose `final` is set: its last choice
+    finished (with n = 1, the delta that carries the finish reason)."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" once the sequence is done
+    finish_reason: str | None = None  # "stop" | "length" once this choice is done
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice
+    final: bool = False

@@ -14,11 +14,14 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
+from backends import grammar as grammar_text
 from backends import responses
 from backends.chat_template import render_chat
 from backends.generation import GenerationDelta, GenerationRequest, SamplingParams, output_budget
+from backends.grammar import GrammarCompiler
 from backends.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -29,7 +32,19 @@ from backends.protocol import (
     InvalidRequest,
     LoadReport,
     ModelCard,
+    NamedToolChoice,
 )
+from backends.tools.formats import HERMES, ToolFormat, template_format
+from backends.tools.grammar import tool_call_grammar
+
+
+@dataclass
+class Prepared:
+    """A request made ready for the engine."""
+
+    gen: GenerationRequest
+    prompt_text: str  # the rendered chat, or a completion's prompt (for echo)
+    tool_format: ToolFormat | None = None  # the format calls are parsed from (tools offered)
 
 
 class LocalBackend(abc.ABC):
@@ -76,11 +91,10 @@ class LocalBackend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model."""
 
-    def check_json_schema(self, schema: dict[str, Any]) -> None:  # noqa: B027 - optional hook
-        """Raise InvalidRequest (param `response_format`) for a JSON Schema (already valid as
-        one) that this backend cannot constrain its output to. Runs in `prepare`'s thread,
-        before generation starts. Engines without any JSON-schema support refuse the request
-        in their own validation (the paged engine's `validate`)."""
+    @abc.abstractmethod
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The model's vocabulary for llguidance (built on first use, then kept). Called in
+        `prepare`'s thread."""
 
     # -- the Backend protocol ---------------------------------------------------------
 
@@ -91,46 +105,42 @@ class LocalBackend(abc.ABC):
     # rendering and tokenizing grow with the request and must not hold the event loop.
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
-        gen, _ = await asyncio.to_thread(self.prepare, "chat", request)
-        return await responses.chat_completion(request, len(gen.prompt_tokens), self.generate(gen))
+        p = await asyncio.to_thread(self.prepare, "chat", request)
+        return await responses.chat_completion(request, len(p.gen.prompt_tokens), self.generate(p.gen), p.tool_format)
 
     async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        gen, _ = await asyncio.to_thread(self.prepare, "chat", request)
-        async with aclosing(responses.chat_chunks(request, len(gen.prompt_tokens), self.generate(gen))) as chunks:
+        p = await asyncio.to_thread(self.prepare, "chat", request)
+        async with aclosing(responses.chat_chunks(request, len(p.gen.prompt_tokens), self.generate(p.gen), p.tool_format)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def completion(self, request: CompletionRequest) -> Completion:
-        gen, text = await asyncio.to_thread(self.prepare, "completions", request)
-        return await responses.completion(request, len(gen.prompt_tokens), text, self.generate(gen))
+        p = await asyncio.to_thread(self.prepare, "completions", request)
+        return await responses.completion(request, len(p.gen.prompt_tokens), p.prompt_text, self.generate(p.gen))
 
     async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
-        gen, text = await asyncio.to_thread(self.prepare, "completions", request)
-        async with aclosing(responses.completion_chunks(request, len(gen.prompt_tokens), text, self.generate(gen))) as chunks:
+        p = await asyncio.to_thread(self.prepare, "completions", request)
+        async with aclosing(responses.completion_chunks(request, len(p.gen.prompt_tokens), p.prompt_text, self.generate(p.gen))) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     # -- shared steps -------------------------------------------------------------------
 
-    def prepare(self, kind: str, request: ChatCompletionRequest | CompletionRequest) -> tuple[GenerationRequest, str]:
-        """Render (chat), tokenize and check a request: the engine's request and the prompt
-        text. CPU work proportional to the request: callers run it in a thread, off any event
-        loop. Raises InvalidRequest (400) for what the model cannot take; a prompt that cannot
-        fit by its length alone is refused before it is tokenized (check_length_estimate)."""
+    def prepare(self, kind: str, request: ChatCompletionRequest | CompletionRequest) -> Prepared:
+        """Render (chat), tokenize and check a request, and compile its grammar. CPU work
+        proportional to the request: callers run it in a thread, off any event loop. Raises
+        InvalidRequest (400) for what the model cannot take; a prompt that cannot fit by its
+        length alone is refused before it is tokenized (check_length_estimate)."""
         if kind == "chat":
             assert isinstance(request, ChatCompletionRequest)
-            tool_param = request.tool_calling_param()
-            if tool_param is not None:
-                raise InvalidRequest(f"tool calling is not supported by backend {self.name!r} yet", param=tool_param)
             template, bos, eos = self.chat_template()
-            prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos)
+            tools = request.tools_in_use()
+            prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos, tools=tools)
             self.check_length_estimate(len(prompt), request.output_limit(), "messages")
+            tool_format = (template_format(template) or HERMES) if tools else None  # HERMES: the fallback prompt's
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
-            fmt = request.response_format
-            json_mode = bool(fmt and fmt.type == "json_object")
-            schema = fmt.schema_object() if fmt is not None else None
-            gen = self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, json_mode, schema)
-            return gen, prompt
+            grammar = chat_grammar(request, tool_format)
+            return Prepared(self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, grammar), prompt, tool_format)
         assert isinstance(request, CompletionRequest)
         single = request.single_prompt()
         if isinstance(single, str):
@@ -138,7 +148,7 @@ class LocalBackend(abc.ABC):
             tokens, text = self.tokenize(single), single
         else:
             tokens, text = list(single), self.detokenize(list(single))
-        return self._generation(request, tokens, request.output_limit(), request.logprobs, False), text
+        return Prepared(self._generation(request, tokens, request.output_limit(), request.logprobs, None), text)
 
     def check_length_estimate(self, chars: int, max_tokens: int | None, what: str) -> None:
         """ContextLengthExceeded, in output_budget's words, when a prompt of `chars` characters
@@ -169,9 +179,10 @@ class LocalBackend(abc.ABC):
         prompt_tokens: list[int],
         max_tokens: int | None,
         logprobs: int | None,
-        json_mode: bool,
-        json_schema: dict[str, Any] | None = None,
+        grammar: tuple[str, str, str] | None,
     ) -> GenerationRequest:
+        """The engine's request; `grammar`: (grammar text, what it is for, its param), compiled
+        here against the model's vocabulary."""
         if logprobs is not None and not self.supports_logprobs:
             raise InvalidRequest(f"backend {self.name!r} does not return logprobs", param="logprobs")
         if not prompt_tokens:
@@ -192,9 +203,36 @@ class LocalBackend(abc.ABC):
             stop=request.stop_list(),
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
-            json_mode=json_mode,
-            json_schema=json_schema,
+            n=request.n or 1,
+            grammar=grammar[0] if grammar else None,
         )
-        if json_schema is not None:
-            self.check_json_schema(json_schema)
-        return GenerationRequest(request_id=uuid.uuid4().hex, prompt_tokens=prompt_tokens, sampling=sampling)
+        constraint = self.grammar_compiler().compile(grammar[0], what=grammar[1], param=grammar[2]) if grammar else None
+        return GenerationRequest(request_id=uuid.uuid4().hex, prompt_tokens=prompt_tokens, sampling=sampling, constraint=constraint)
+
+
+def _format_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON Schema response_format asks the answer to follow (json_object: any object)."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    return fmt.schema_object() or {"type": "object"}
+
+
+def chat_grammar(request: ChatCompletionRequest, tools: ToolFormat | None) -> tuple[str, str, str] | None:
+    """(grammar, what it serves, its param) for a chat request, or None for free text: a
+    required or named tool_choice allows only calls; tool_choice auto with a response_format,
+    calls or the formatted answer; a response_format alone, the formatted answer."""
+    schema = _format_schema(request)
+    choice = request.tool_choice
+    if tools is not None:
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        parallel = request.parallel_tool_calls is not False
+        if choice == "required" or named is not None:
+            return tool_call_grammar(tools, request.tools_in_use(), named=named, parallel=parallel), "tool_choice", "tool_choice"
+        if schema is not None:
+            grammar = tool_call_grammar(tools, request.tools_in_use(), named=None, parallel=parallel, or_json=schema)
+            return grammar, "response_format with tools", "response_format"
+    if schema is None:
+        return None
+    assert request.response_format is not None
+    return grammar_text.json_schema_grammar(schema), f"response_format {request.response_format.type}", "response_format"

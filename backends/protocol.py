@@ -7,6 +7,7 @@ implements `Backend`; the gateway only ever talks to this module's types.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -82,14 +83,91 @@ class TextContentPart(_Request):
     text: Text
 
 
+def _check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema`, when it is a valid JSON Schema (draft 2020-12's metaschema); otherwise a
+    ValueError naming the offending keyword and where it is."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(map(str, exc.path)) or "(root)"
+        keyword = exc.path[-1] if exc.path else exc.validator
+        raise ValueError(
+            f"invalid JSON Schema: keyword {keyword!r} at {where}: {exc.message} (fails the metaschema's {exc.validator!r})"
+        ) from None
+    return schema
+
+
+class FunctionCall(_Request):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        """The arguments as a JSON object (chat templates render them so); ValueError otherwise."""
+        try:
+            value = json.loads(self.arguments)
+        except ValueError:
+            raise ValueError("function.arguments must be a JSON object, as text") from None
+        if not isinstance(value, dict):
+            raise ValueError("function.arguments must be a JSON object, as text")
+        return value
+
+
+class ToolCall(_Request):
+    """A call an assistant message made (the history a tool result refers back to)."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @field_validator("function")
+    @classmethod
+    def _object_arguments(cls, v: FunctionCall) -> FunctionCall:
+        v.parsed_arguments()
+        return v
+
+
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: Text | None = None
+    # None: the function takes no arguments constraint (any JSON object).
+    parameters: Annotated[dict[str, Any], AfterValidator(_check_json_schema)] | None = None
+    strict: bool | None = None
+
+    def parameters_schema(self) -> dict[str, Any]:
+        """The arguments' JSON Schema (any object when the function declares none)."""
+        return self.parameters if self.parameters is not None else {"type": "object"}
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _ChosenFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: that function, called once."""
+
+    type: Literal["function"]
+    function: _ChosenFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Validated when missing too: only an assistant message may go without content.
     content: Text | list[TextContentPart] | None = Field(default=None, validate_default=True)
     name: Text | None = None
-    # Tool calling's history, modelled so that a backend that cannot honour it can say so
-    # (remote backends forward the client's own body, where it travels untouched).
-    tool_calls: list[dict[str, Any]] | None = None
+    # Tool calling's history: the calls an assistant made, and (role tool) which call a
+    # result answers.
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: Text | None = None
 
     @field_validator("content", mode="after")
@@ -111,23 +189,6 @@ class ChatMessage(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-
-
-def _check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema`, when it is a valid JSON Schema (draft 2020-12's metaschema); otherwise a
-    ValueError naming the offending keyword and where it is."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        where = "/".join(map(str, exc.path)) or "(root)"
-        keyword = exc.path[-1] if exc.path else exc.validator
-        raise ValueError(
-            f"invalid JSON Schema: keyword {keyword!r} at {where}: {exc.message} (fails the metaschema's {exc.validator!r})"
-        ) from None
-    return schema
 
 
 class JsonSchemaFormat(_Request):
@@ -192,6 +253,7 @@ def parse_keep_alive(value: float | int | str) -> float:
     return -1.0 if negative else total
 
 
+MAX_CHOICES = 128  # OpenAI's bound on n
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 StopList = Text | Annotated[list[Text], Field(max_length=4)]
 
@@ -203,7 +265,7 @@ class _SamplingFields(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stop: StopList | None = None
     seed: int | None = None
     stream: bool | None = False
@@ -225,13 +287,6 @@ class _SamplingFields(_Request):
     def _duration(cls, v: float | str | None) -> float | str | None:
         if v is not None:
             parse_keep_alive(v)
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported")
         return v
 
     @field_validator("logit_bias")
@@ -259,27 +314,37 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Text | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, v: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [t.function.name for t in v or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, v: str | NamedToolChoice | None, info: ValidationInfo) -> str | NamedToolChoice | None:
+        # tools is validated first (declared first); absent from info.data when it was invalid.
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if (v == "required" or isinstance(v, NamedToolChoice)) and not names and "tools" in info.data:
+            raise ValueError("tool_choice requires tools: no tools were given")
+        if isinstance(v, NamedToolChoice) and names and v.function.name not in names:
+            raise ValueError(f"tool_choice names function {v.function.name!r}, which is not among the tools ({', '.join(names)})")
+        return v
 
     def output_limit(self) -> int | None:
         """max_completion_tokens wins over the deprecated max_tokens, as in OpenAI."""
         return self.max_completion_tokens or self.max_tokens
 
-    def tool_calling_param(self) -> str | None:
-        """The first tool-calling field this request uses, as its param name (None: none), for
-        backends that cannot serve tool calling to refuse it by name rather than drop it."""
-        if self.tools:
-            return "tools"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice"
-        for i, message in enumerate(self.messages):
-            if message.tool_calls:
-                return f"messages.{i}.tool_calls"
-            if message.tool_call_id is not None:
-                return f"messages.{i}.tool_call_id"
-        return None
+    def tools_in_use(self) -> list[ToolDefinition]:
+        """The tools the model is offered: none when tool_choice is "none" (the model then
+        neither sees them nor calls them)."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
 
 
 class CompletionRequest(_SamplingFields):
@@ -340,9 +405,21 @@ class ChoiceLogprobs(_Response):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
@@ -369,9 +446,25 @@ class ChatCompletion(_Response):
     system_fingerprint: str | None = None
 
 
+class ChunkFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChunkToolCall(_Response):
+    """A streamed call: the first delta of each carries id, type and function.name (with
+    arguments ""), the next ones fragments of function.arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChunkFunctionCall
+
+
 class ChunkDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
 
 
 class ChunkChoice(_Response):

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from backends.generation import GenerationDelta, TokenLogprob
 from backends.protocol import (
@@ -17,46 +18,99 @@ from backends.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
+    ChunkFunctionCall,
+    ChunkToolCall,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    ResponseFunctionCall,
     ResponseMessage,
+    ResponseToolCall,
     TokenLogprob as WireTokenLogprob,
     TopLogprob,
     Usage,
 )
+from backends.tools.formats import ToolFormat
+from backends.tools.parser import ParsedCall, ToolCallParser
 
 Deltas = AsyncIterator[GenerationDelta]
 
 
-async def chat_completion(request: ChatCompletionRequest, prompt_tokens: int, deltas: Deltas) -> ChatCompletion:
-    """The whole answer of a chat completion."""
-    text, finish, completion_tokens, logprobs = await _collect(deltas)
-    return ChatCompletion(
-        model=request.model,
-        choices=[
+@dataclass
+class _Choice:
+    """One choice's output, collected."""
+
+    parts: list[str] = field(default_factory=list)
+    finish: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+async def _collect(deltas: Deltas, n: int) -> tuple[list[_Choice], int]:
+    """Every choice's whole output (by index) and the tokens generated for all of them."""
+    choices = [_Choice() for _ in range(n)]
+    count = 0
+    async with aclosing(deltas):
+        async for delta in deltas:
+            choice = choices[delta.index]
+            choice.parts.append(delta.text)
+            choice.logprobs.extend(delta.logprobs or [])
+            choice.finish = delta.finish_reason or choice.finish
+            count += len(delta.token_ids)
+    return choices, count
+
+
+def _response_calls(calls: list[ParsedCall]) -> list[ResponseToolCall]:
+    return [ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+def _finish_reason(finish: str | None, parser: ToolCallParser | None) -> str | None:
+    """A choice that stopped after calling tools finished with "tool_calls", as in OpenAI."""
+    return "tool_calls" if finish == "stop" and parser is not None and parser.calls else finish
+
+
+async def chat_completion(request: ChatCompletionRequest, prompt_tokens: int, deltas: Deltas, tools: ToolFormat | None = None) -> ChatCompletion:
+    """The whole answer of a chat completion; `tools`: the format its tool calls are parsed
+    from (None: no tools offered, the text is all content)."""
+    collected, completion_tokens = await _collect(deltas, request.n or 1)
+    choices: list[ChatChoice] = []
+    for index, choice in enumerate(collected):
+        parser = ToolCallParser(tools) if tools is not None else None
+        content, calls = choice.text, []
+        if parser is not None:
+            fed, calls = parser.feed(content)
+            rest, more = parser.finish()
+            content, calls = fed + rest, calls + more
+        choices.append(
             ChatChoice(
-                message=ResponseMessage(content=text),
-                finish_reason=finish,  # type: ignore[arg-type]
-                logprobs=_chat_logprobs(logprobs) if request.logprobs else None,
+                index=index,
+                message=ResponseMessage(content=content if content or not calls else None, tool_calls=_response_calls(calls) or None),
+                finish_reason=_finish_reason(choice.finish, parser),  # type: ignore[arg-type]
+                logprobs=_chat_logprobs(choice.logprobs) if request.logprobs else None,
             )
-        ],
-        usage=usage(prompt_tokens, completion_tokens),
-    )
+        )
+    return ChatCompletion(model=request.model, choices=choices, usage=usage(prompt_tokens, completion_tokens))
 
 
-async def chat_chunks(request: ChatCompletionRequest, prompt_tokens: int, deltas: Deltas) -> AsyncIterator[ChatCompletionChunk]:
-    """A chat completion as OpenAI's stream of chunks."""
+async def chat_chunks(
+    request: ChatCompletionRequest, prompt_tokens: int, deltas: Deltas, tools: ToolFormat | None = None
+) -> AsyncIterator[ChatCompletionChunk]:
+    """A chat completion as OpenAI's stream of chunks (each choice's chunks carry its index;
+    each tool call comes as a delta with its id, type and name, then its arguments)."""
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def chunk(delta: ChunkDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> ChatCompletionChunk:
+    def chunk(index: int, delta: ChunkDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=chunk_id,
             created=created,
             model=request.model,
             choices=[
                 ChunkChoice(
+                    index=index,
                     delta=delta,
                     finish_reason=finish,  # type: ignore[arg-type]
                     logprobs=_chat_logprobs(logprobs) if request.logprobs and logprobs else None,
@@ -64,19 +118,38 @@ async def chat_chunks(request: ChatCompletionRequest, prompt_tokens: int, deltas
             ],
         )
 
-    completion_tokens, started = 0, False
+    def call_chunks(index: int, calls: list[ParsedCall]) -> list[ChatCompletionChunk]:
+        out = []
+        for c in calls:
+            head = ChunkToolCall(index=c.index, id=c.id, type="function", function=ChunkFunctionCall(name=c.name, arguments=""))
+            out.append(chunk(index, ChunkDelta(tool_calls=[head])))
+            out.append(chunk(index, ChunkDelta(tool_calls=[ChunkToolCall(index=c.index, function=ChunkFunctionCall(arguments=c.arguments))])))
+        return out
+
+    n = request.n or 1
+    parsers = [ToolCallParser(tools) if tools is not None else None for _ in range(n)]
+    started = [False] * n
+    completion_tokens = 0
     async with aclosing(deltas):
         async for delta in deltas:
+            i = delta.index
             # The role chunk waits for the first token: admission and prefill errors then
             # surface before the first byte, as HTTP errors.
-            if not started:
-                started = True
-                yield chunk(ChunkDelta(role="assistant", content=""))
+            if not started[i]:
+                started[i] = True
+                yield chunk(i, ChunkDelta(role="assistant", content=""))
             completion_tokens += len(delta.token_ids)
-            if delta.text or delta.logprobs:
-                yield chunk(ChunkDelta(content=delta.text), logprobs=delta.logprobs)
+            parser = parsers[i]
+            content, calls = parser.feed(delta.text) if parser is not None else (delta.text, [])
+            if delta.finish_reason and parser is not None:
+                rest, more = parser.finish()
+                content, calls = content + rest, calls + more
+            if content or delta.logprobs:
+                yield chunk(i, ChunkDelta(content=content), logprobs=delta.logprobs)
+            for c in call_chunks(i, calls):
+                yield c
             if delta.finish_reason:
-                yield chunk(ChunkDelta(), delta.finish_reason)
+                yield chunk(i, ChunkDelta(), _finish_reason(delta.finish_reason, parser))
     if request.wants_usage_chunk():
         yield ChatCompletionChunk(
             id=chunk_id, created=created, model=request.model, choices=[], usage=usage(prompt_tokens, completion_tokens)
@@ -85,15 +158,17 @@ async def chat_chunks(request: ChatCompletionRequest, prompt_tokens: int, deltas
 
 async def completion(request: CompletionRequest, prompt_tokens: int, prompt_text: str, deltas: Deltas) -> Completion:
     """The whole answer of a text completion (`prompt_text` is echoed when asked)."""
-    text, finish, completion_tokens, logprobs = await _collect(deltas)
+    collected, completion_tokens = await _collect(deltas, request.n or 1)
     return Completion(
         model=request.model,
         choices=[
             CompletionChoice(
-                text=(prompt_text if request.echo else "") + text,
-                finish_reason=finish,  # type: ignore[arg-type]
-                logprobs=_completion_logprobs(logprobs) if request.logprobs is not None else None,
+                index=index,
+                text=(prompt_text if request.echo else "") + choice.text,
+                finish_reason=choice.finish,  # type: ignore[arg-type]
+                logprobs=_completion_logprobs(choice.logprobs) if request.logprobs is not None else None,
             )
+            for index, choice in enumerate(collected)
         ],
         usage=usage(prompt_tokens, completion_tokens),
     )
@@ -105,13 +180,14 @@ async def completion_chunks(
     """A text completion as OpenAI's stream of chunks."""
     chunk_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def chunk(text: str, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> Completion:
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> Completion:
         return Completion(
             id=chunk_id,
             created=created,
             model=request.model,
             choices=[
                 CompletionChoice(
+                    index=index,
                     text=text,
                     finish_reason=finish,  # type: ignore[arg-type]
                     logprobs=_completion_logprobs(logprobs) if request.logprobs is not None and logprobs else None,
@@ -119,15 +195,17 @@ async def completion_chunks(
             ],
         )
 
-    completion_tokens, started = 0, False
+    started = [False] * (request.n or 1)
+    completion_tokens = 0
     async with aclosing(deltas):
         async for delta in deltas:
-            if request.echo and not started:
-                yield chunk(prompt_text)
-            started = True
+            i = delta.index
+            if request.echo and not started[i]:
+                yield chunk(i, prompt_text)
+            started[i] = True
             completion_tokens += len(delta.token_ids)
             if delta.text or delta.finish_reason:
-                yield chunk(delta.text, delta.finish_reason, delta.logprobs)
+                yield chunk(i, delta.text, delta.finish_reason, delta.logprobs)
     if request.wants_usage_chunk():
         yield Completion(id=chunk_id, created=created, model=request.model, choices=[], usage=usage(prompt_tokens, completion_tokens))
 
@@ -135,20 +213,6 @@ async def completion_chunks(
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     """OpenAI's usage block."""
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
-
-
-async def _collect(deltas: Deltas) -> tuple[str, str | None, int, list[TokenLogprob]]:
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    finish: str | None = None
-    count = 0
-    async with aclosing(deltas):
-        async for delta in deltas:
-            parts.append(delta.text)
-            count += len(delta.token_ids)
-            logprobs.extend(delta.logprobs or [])
-            finish = delta.finish_reason or finish
-    return "".join(parts), finish, count, logprobs
 
 
 def _chat_logprobs(items: list[TokenLogprob] | None) -> ChoiceLogprobs:

@@ -248,7 +248,8 @@ async def rate_limit(
     snapshot: Snapshot = state["snapshot"]
     tokens = 0
     if body is not None:
-        tokens = prompt_estimate + (body.output_limit() or snapshot.config.limits.assumed_max_tokens)
+        # Every choice generates up to the limit.
+        tokens = prompt_estimate + (body.output_limit() or snapshot.config.limits.assumed_max_tokens) * (body.n or 1)
     try:
         reservation = await snapshot.limiter.acquire(
             principal.buckets, tokens, prompt_estimate, principal.record_key, peek=body is None

@@ -191,7 +191,7 @@ def _features(dispatcher: Dispatcher, body: Body, principal: Any, prompt_estimat
     return RequestFeatures(
         model=body.model,
         prompt_tokens=prompt_estimate,
-        max_tokens=body.output_limit(),
+        max_tokens=(body.output_limit() or 0) * (body.n or 1) or None,  # every choice holds KV of its own
         priority=0 if principal is None or principal.priority == "interactive" else 1,
         sticky_key=body.user or (principal.key_id if principal else None),
         prefix_hashes=prefix,

@@ -157,11 +157,12 @@ class _EventStreamResponse(StreamingResponse):
 
 
 def _has_text(chunk: ChatCompletionChunk | Completion) -> bool:
-    """Whether a chat or completion chunk model carries generated text."""
+    """Whether a chat or completion chunk model carries generated text (or a tool call)."""
     if not chunk.choices:
         return False
     if isinstance(chunk, ChatCompletionChunk):
-        return bool(chunk.choices[0].delta.content)
+        delta = chunk.choices[0].delta
+        return bool(delta.content or delta.tool_calls)
     return bool(chunk.choices[0].text)
 
 

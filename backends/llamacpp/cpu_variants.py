@@ -10,8 +10,12 @@ is registered, and its search paths (the executable's directory, the working dir
 
 Why not let ggml choose: it ranks variants by CPUID alone (each module's `ggml_backend_score()`).
 AMX also needs the kernel to grant this process the tile state (arch_prctl), and a VM can
-advertise AMX without granting it: issue 12 died of SIGILL at `tileloadd`. Here an AMX variant is
-never loaded unless that grant succeeded in this process, so no tile instruction is mapped in
+advertise AMX without granting it: issue 12 died of SIGILL at `tileloadd`. And where the grant
+succeeds, ggml's AMX kernels still died of SIGILL at `tilezero` on an Intel Xeon (Sapphire Rapids
+class) VM, in the threads that run them (the tile configuration they load first is per thread;
+llama.cpp PR 26954 describes the bug). So the best non-AMX variant is chosen (icelake's
+AVX-512 VNNI there); an AMX variant runs only when named in TURNOUT_GGML_CPU_VARIANT, and even
+then only after the grant succeeded in this process, so no tile instruction is mapped in
 otherwise. The grant is per process: call `load_cpu_backend()` in the process that runs the model.
 """
 
@@ -28,8 +32,9 @@ from pathlib import Path
 
 log = logging.getLogger("turnout.llamacpp")
 
-#: Forces a variant by name ("haswell", "x64", ...): for benchmarks and for working around a bad
-#: pick. It must exist, score > 0 on this CPU, and, for an AMX variant, have the AMX grant.
+#: Forces a variant by name ("haswell", "x64", ...): for benchmarks, for working around a bad
+#: pick, and the only way to run an AMX variant. It must exist, score > 0 on this CPU, and, for an
+#: AMX variant, have the AMX grant.
 VARIANT_ENV = "TURNOUT_GGML_CPU_VARIANT"
 
 # ggml's AMX variants, by name, for the case where a future ggml stops exporting the AMX symbol
@@ -121,20 +126,21 @@ def is_amx_variant(name: str, path: Path) -> bool:
 
 
 def choose_variant(variants: dict[str, Path], amx_granted: bool, forced: str | None = None) -> str:
-    """The variant to load: `forced` if allowed, else the best-scoring one that may run here."""
+    """The variant to load: `forced` if allowed, else the best-scoring one without AMX code
+    (see the module docstring) that this CPU can run."""
     scores = {name: variant_score(path) for name, path in variants.items()}
-    barred = {name for name in variants if not amx_granted and is_amx_variant(name, variants[name])}
-    log.debug("ggml CPU variants: scores %s; AMX granted: %s; barred: %s", scores, amx_granted, sorted(barred))
+    amx = {name for name in variants if is_amx_variant(name, variants[name])}
+    log.debug("ggml CPU variants: scores %s; AMX variants %s; AMX granted: %s", scores, sorted(amx), amx_granted)
     if forced:
         if forced not in variants:
             raise RuntimeError(f"{VARIANT_ENV}={forced!r}: no such variant; have {', '.join(variants)}")
-        if scores[forced] <= 0 or forced in barred:
-            why = "the kernel does not grant AMX" if forced in barred else "this CPU lacks its instructions"
+        if scores[forced] <= 0 or (forced in amx and not amx_granted):
+            why = "this CPU lacks its instructions" if scores[forced] <= 0 else "the kernel does not grant AMX"
             raise RuntimeError(f"{VARIANT_ENV}={forced!r} cannot run here: {why}")
         return forced
-    allowed = {name: score for name, score in scores.items() if score > 0 and name not in barred}
+    allowed = {name: score for name, score in scores.items() if score > 0 and name not in amx}
     if not allowed:
-        raise RuntimeError(f"no llama.cpp CPU variant can run on this CPU (scores {scores}, barred {sorted(barred)})")
+        raise RuntimeError(f"no llama.cpp CPU variant can run on this CPU (scores {scores}, AMX ones left out: {sorted(amx)})")
     return max(allowed, key=lambda name: allowed[name])
 
 

@@ -1,7 +1,9 @@
 """The llama.cpp runner: a pool of `llama_cpp.Llama` instances behind the Backend protocol.
 
 Each instance serves one request at a time, in a worker thread; requests beyond the pool
-wait in a bounded queue, and past that bound get 503 with a Retry-After.
+wait in a bounded queue, and past that bound get 503 with a Retry-After. A request's n choices
+run one after another on the instance it acquired. A grammar (response_format, a required tool
+call) constrains decoding through a logits processor that masks what llguidance disallows.
 
 Long prompts are tokenized in pieces cut before special tokens (`_cut_pattern`): llama.cpp's
 special-token pass is quadratic in the number of special tokens in one text (for each special
@@ -16,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
-import json
 import logging
 import os
 import random
 import re
 import threading
 import time
-from collections import OrderedDict
+import warnings
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,8 +32,10 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+from llguidance.llamacpp import lltokenizer_from_vocab
 
 from backends.generation import GenerationDelta, GenerationRequest, SamplingParams, TokenLogprob
+from backends.grammar import Constraint, GrammarCompiler, allowed_tokens, bitmask_width
 from backends.llamacpp.cpu_variants import load_cpu_backend
 from backends.llamacpp.options import LlamaCppOptions
 from backends.local import LocalBackend
@@ -45,13 +48,6 @@ log = logging.getLogger("turnout.llamacpp")
 # What llama.cpp's tokenizer carves out of a text as special tokens (its cache_special_tokens).
 _SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
 TOKENIZE_PIECE_CHARS = 2048  # longer texts are tokenized in pieces of about this size (1-2 KiB measured best)
-GRAMMAR_CACHE_SIZE = 64  # JSON-schema grammars kept, keyed by the schema's JSON text (least recently used out)
-# llama.cpp parses a grammar recursively: a small schema such as {"type": "string", "maxLength":
-# 30000} becomes a GBNF of 30,000 nested groups, and parsing it overflowed the stack (a segfault,
-# measured; 10,000 parsed). Deeper or larger grammars are refused before llama.cpp sees them.
-MAX_GRAMMAR_DEPTH = 4096
-MAX_GRAMMAR_BYTES = 1 << 20
-_GBNF_LITERALS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')
 
 Emit = Callable[[GenerationDelta | BaseException], None]
 
@@ -84,9 +80,9 @@ class LlamaCppBackend(LocalBackend):
         self._template: str | None = None
         self._bos_text = ""
         self._eos_text = ""
-        self._json_grammar: llama_cpp.LlamaGrammar | None = None
-        self._schema_grammars: OrderedDict[str, llama_cpp.LlamaGrammar] = OrderedDict()
-        self._schema_lock = threading.Lock()  # prepare's threads and the generating ones share the cache
+        self._eog: list[int] = []  # end-of-generation tokens: what a complete grammar allows next
+        self._compiler: GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()  # prepare runs in several threads at once
         self._cut: re.Pattern[str] | None = None  # where a long text may be cut for tokenizing
         self.cpu_variant = ""  # the ggml CPU variant in use, once started
 
@@ -106,7 +102,7 @@ class LlamaCppBackend(LocalBackend):
         self._template = first.metadata.get("tokenizer.chat_template")
         self._bos_text = self._token_text(first, first.token_bos())
         self._eos_text = self._token_text(first, first.token_eos())
-        self._cut, self.max_token_bytes = await asyncio.to_thread(_scan_vocab, first)
+        self._cut, self.max_token_bytes, self._eog = await asyncio.to_thread(_scan_vocab, first)
         log.info("%s: loaded %s x%d (n_ctx=%d)", self.name, path.name, self.instances, first.n_ctx())
 
     def _load(self, path: Path) -> llama_cpp.Llama:
@@ -147,6 +143,23 @@ class LlamaCppBackend(LocalBackend):
 
     def chat_template(self) -> tuple[str | None, str, str]:
         return self._template, self._bos_text, self._eos_text
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """llguidance's view of the model's vocabulary (about 0.3 s for SmolLM2's 49k tokens),
+        built on first use, once, whichever of prepare's threads gets there first. Every
+        end-of-generation token counts as its EOS: a complete grammar allows any of them."""
+        if self._compiler is None:
+            with self._compiler_lock:
+                if self._compiler is None:
+                    first = self._pool[0]
+                    vocab = first._model.vocab  # noqa: SLF001 - read-only: safe beside a generating thread
+                    # llguidance asks each token's attributes through a deprecated alias: one
+                    # warning per token (49k) otherwise.
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        tokenizer = lltokenizer_from_vocab(vocab, n_vocab=first.n_vocab(), eos_token=self._eog)
+                    self._compiler = GrammarCompiler(tokenizer)
+        return self._compiler
 
     def load(self) -> LoadReport:
         return LoadReport(
@@ -206,7 +219,7 @@ class LlamaCppBackend(LocalBackend):
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finish_reason:
+                if item.final:
                     return
         finally:
             # Runs on disconnect too (no awaits here): the worker sees the flag after at
@@ -235,15 +248,50 @@ class LlamaCppBackend(LocalBackend):
     def _generate_sync(
         self, llm: llama_cpp.Llama, request: GenerationRequest, cancel: threading.Event, emit: Emit
     ) -> GenerationDelta | None:
-        """Generate in the worker thread, emitting one delta per token; returns the last
-        one (with its finish reason) for the caller to hand over once the instance is free,
-        or None when cancelled."""
+        """Generate the request's choices one after another in the worker thread, emitting
+        one delta per token; returns the very last one (`final` set) for the caller to hand
+        over once the instance is free, or None when cancelled."""
+        n = request.sampling.n
+        base = request.constraint
+        # One mask row for the whole request, refilled before each token of each choice.
+        bitmask = np.zeros((1, bitmask_width(llm.n_vocab())), dtype=np.int32) if base is not None else None
+        for index in range(n):
+            if cancel.is_set():
+                return None
+            # Every choice but the last steps a copy: the request's own constraint stays at
+            # the grammar's start until then.
+            constraint = base.copy() if base is not None and index < n - 1 else base
+            last = self._generate_choice(llm, request, index, constraint, bitmask, cancel, emit)
+            if last is None:
+                return None
+            if index == n - 1:
+                last.final = True
+                return last
+            emit(last)
+        return None  # n < 1: prepare never makes one
+
+    def _generate_choice(
+        self,
+        llm: llama_cpp.Llama,
+        request: GenerationRequest,
+        index: int,
+        constraint: Constraint | None,
+        bitmask: np.ndarray | None,
+        cancel: threading.Event,
+        emit: Emit,
+    ) -> GenerationDelta | None:
+        """One choice, emitting a delta per token; returns its last delta (with the finish
+        reason), or None when cancelled."""
         sp = request.sampling
-        llm.set_seed(sp.seed if sp.seed is not None else random.getrandbits(31))
+        seed = sp.seed + index if sp.seed is not None else random.getrandbits(31)
+        llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp's seed is a uint32
         stops = StopMatcher(sp.stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop_ids = set(sp.stop_token_ids)
         vocab = llm._model.vocab  # noqa: SLF001 - llama-cpp-python exposes no public EOG check
+        # A grammar allows an end token only once it is complete: then it ends the answer even
+        # with ignore_eos (the grammar allows nothing else).
+        ends = not sp.ignore_eos or constraint is not None
         # Evaluate the whole prompt every time: reusing the previous request's KV prefix takes
         # another kernel path (one-token vs batched matmuls), and greedy answers then depended
         # on what the instance ran before. The same request gets the same answer.
@@ -257,8 +305,7 @@ class LlamaCppBackend(LocalBackend):
             repeat_penalty=sp.repetition_penalty,
             frequency_penalty=sp.frequency_penalty,
             presence_penalty=sp.presence_penalty,
-            logits_processor=_bias_processor(sp) if sp.logit_bias else None,
-            grammar=self._grammar_for(sp),
+            logits_processor=_logits_processors(sp, constraint, bitmask),
         )
         count = 0
         finish = "length"
@@ -267,22 +314,27 @@ class LlamaCppBackend(LocalBackend):
             for token in tokens:
                 if cancel.is_set():
                     return None
-                is_end = not sp.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token)
-                if is_end or token in stop_ids:
+                if (ends and llama_cpp.llama_vocab_is_eog(vocab, token)) or token in stop_ids:
                     finish = "stop"
                     break
+                # Before the generator's next step: its mask is filled from the advanced state,
+                # and the context still holds this token's logits (for logprobs).
+                if constraint is not None and not constraint.accept(token):
+                    raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
                 count += 1
-                # Before the generator's next step: the context still holds this token's logits.
                 lp = None if sp.logprobs is None else [self._token_logprob(llm, token, sp.logprobs, bias)]
                 text, hit = stops.feed(decoder.decode(llm.detokenize([token])))
                 if hit:
-                    return GenerationDelta(text, [token], "stop", lp)
-                if count >= sp.max_tokens:
-                    return GenerationDelta(text + decoder.decode(b"", final=True) + stops.flush(), [token], "length", lp)
-                emit(GenerationDelta(text, [token], logprobs=lp))
+                    return GenerationDelta(text, [token], "stop", lp, index)
+                # A finished grammar allows only an end token next: spare the step that samples it.
+                done = constraint is not None and constraint.finished
+                if done or count >= sp.max_tokens:
+                    rest = decoder.decode(b"", final=True) + stops.flush()
+                    return GenerationDelta(text + rest, [token], "stop" if done else "length", lp, index)
+                emit(GenerationDelta(text, [token], logprobs=lp, index=index))
         finally:
             tokens.close()
-        return GenerationDelta(decoder.decode(b"", final=True) + stops.flush(), [], finish)
+        return GenerationDelta(decoder.decode(b"", final=True) + stops.flush(), [], finish, index=index)
 
     def _token_logprob(
         self, llm: llama_cpp.Llama, token: int, k: int, bias: tuple[np.ndarray, np.ndarray] | None
@@ -306,66 +358,6 @@ class LlamaCppBackend(LocalBackend):
             alternatives = [(self._token_text(llm, int(i)), float(logp[i])) for i in ids]
         return TokenLogprob(token, self._token_text(llm, token), float(logp[token]), alternatives)
 
-    def check_json_schema(self, schema: dict[str, Any]) -> None:
-        """Build (and cache) the schema's grammar in prepare's thread, so that a schema the
-        converter cannot take is a 400 before generation starts."""
-        self._schema_grammar(schema)
-
-    def _grammar_for(self, sp: SamplingParams) -> llama_cpp.LlamaGrammar | None:
-        if sp.json_schema is not None:
-            return self._schema_grammar(sp.json_schema)
-        return self._grammar() if sp.json_mode else None
-
-    def _schema_grammar(self, schema: dict[str, Any]) -> llama_cpp.LlamaGrammar:
-        """GBNF for a JSON Schema (llama-cpp-python's converter), parsed once by llama.cpp here:
-        a grammar it cannot parse would give a null sampler at generation time. CPU work: call
-        it off the event loop. Cached by the schema's JSON text (property order matters: it is
-        the order of the output's keys)."""
-        key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-        with self._schema_lock:
-            grammar = self._schema_grammars.get(key)
-            if grammar is not None:
-                self._schema_grammars.move_to_end(key)
-                return grammar
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-        try:
-            gbnf = json_schema_to_gbnf(key)
-        except Exception as exc:  # the converter asserts on what it does not support
-            raise InvalidRequest(
-                f"response_format json_schema cannot be served by the llama.cpp runner: {exc}", param="response_format"
-            ) from None
-        depth = _grammar_depth(gbnf)
-        if depth > MAX_GRAMMAR_DEPTH or len(gbnf) > MAX_GRAMMAR_BYTES:
-            raise InvalidRequest(
-                f"response_format json_schema cannot be served by the llama.cpp runner: its grammar is too large "
-                f"({len(gbnf)} bytes, nesting depth {depth}; at most {MAX_GRAMMAR_BYTES} and {MAX_GRAMMAR_DEPTH}): "
-                f"lower maxLength, minItems/maxItems or the schema's nesting",
-                param="response_format",
-            )
-        grammar = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
-        vocab = self._pool[0]._model.vocab  # noqa: SLF001 - read-only: safe beside a generating thread
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), grammar._root.encode())  # noqa: SLF001
-        if not sampler:
-            raise InvalidRequest(
-                "response_format json_schema cannot be served by the llama.cpp runner: llama.cpp refused the "
-                "grammar made from it (too many repetitions: lower maxLength or minItems/maxItems)",
-                param="response_format",
-            )
-        llama_cpp.llama_sampler_free(sampler)
-        with self._schema_lock:
-            self._schema_grammars[key] = grammar
-            while len(self._schema_grammars) > GRAMMAR_CACHE_SIZE:
-                self._schema_grammars.popitem(last=False)
-        return grammar
-
-    def _grammar(self) -> llama_cpp.LlamaGrammar:
-        if self._json_grammar is None:
-            from llama_cpp.llama_grammar import JSON_GBNF
-
-            self._json_grammar = llama_cpp.LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-        return self._json_grammar
-
     @staticmethod
     def _token_text(llm: llama_cpp.Llama, token: int) -> str:
         if token < 0:
@@ -388,14 +380,17 @@ def _tokenize_bytes(vocab: llama_cpp.llama_vocab_p, data: bytes, add_special: bo
     return buf[:n]
 
 
-def _scan_vocab(llm: llama_cpp.Llama) -> tuple[re.Pattern[str] | None, int]:
-    """(where a long text may be cut for tokenizing, the most bytes one token stands for). Once
-    per model load: a few tens of ms for a 50k vocabulary."""
+def _scan_vocab(llm: llama_cpp.Llama) -> tuple[re.Pattern[str] | None, int, list[int]]:
+    """(where a long text may be cut for tokenizing, the most bytes one token stands for, the
+    end-of-generation tokens). Once per model load: a few tens of ms for a 50k vocabulary."""
     vocab = llm._model.vocab  # noqa: SLF001 - llama-cpp-python exposes no public vocab handle
     buf = ctypes.create_string_buffer(256)
     longest = 1
     specials: dict[bytes, int] = {}
+    eog: list[int] = []
     for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            eog.append(token)
         # A negative length: the piece is longer than the buffer, by that many bytes in all.
         longest = max(longest, abs(llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)))
         attr = llama_cpp.llama_vocab_get_attr(vocab, token)
@@ -405,7 +400,7 @@ def _scan_vocab(llm: llama_cpp.Llama) -> tuple[re.Pattern[str] | None, int]:
             specials[text] = specials.get(text, 0) | attr
     # A model that appends EOS would get one after every piece.
     cut = None if llama_cpp.llama_vocab_get_add_eos(vocab) else _cut_pattern(specials)
-    return cut, longest
+    return cut, longest, eog
 
 
 def _cut_pattern(specials: dict[bytes, int]) -> re.Pattern[str] | None:
@@ -436,25 +431,32 @@ def _cut_pattern(specials: dict[bytes, int]) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(t) for t in sorted(safe, key=len, reverse=True)))
 
 
-def _grammar_depth(gbnf: str) -> int:
-    """The deepest nesting of groups in a GBNF text (string literals and character classes,
-    which may hold parentheses, left out)."""
-    depth = deepest = 0
-    for paren in re.findall(r"[()]", _GBNF_LITERALS.sub("", gbnf)):
-        depth += 1 if paren == "(" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
 def _bias_arrays(sp: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     return np.array(list(sp.logit_bias), dtype=np.int64), np.array(list(sp.logit_bias.values()), dtype=np.float32)
 
 
-def _bias_processor(sp: SamplingParams) -> llama_cpp.LogitsProcessorList:
-    ids, values = _bias_arrays(sp)
+def _logits_processors(
+    sp: SamplingParams, constraint: Constraint | None, bitmask: np.ndarray | None
+) -> llama_cpp.LogitsProcessorList | None:
+    """logit_bias, then the grammar's mask (-inf for every token it disallows), as llama.cpp's
+    first sampler stage, on the logits of every token in id order; None when neither applies.
+    The mask comes after the bias: a token the grammar forbids stays forbidden, however biased."""
+    processors: list[Callable[[Any, np.ndarray], np.ndarray]] = []
+    if sp.logit_bias:
+        ids, values = _bias_arrays(sp)
 
-    def add_bias(_: Any, scores: np.ndarray) -> np.ndarray:
-        scores[ids] += values
-        return scores
+        def add_bias(_: Any, scores: np.ndarray) -> np.ndarray:
+            scores[ids] += values
+            return scores
 
-    return llama_cpp.LogitsProcessorList([add_bias])
+        processors.append(add_bias)
+    if constraint is not None:
+        assert bitmask is not None
+
+        def mask(_: Any, scores: np.ndarray) -> np.ndarray:
+            constraint.fill(bitmask, 0)  # about 30 us with unpacking, for 49k tokens
+            scores[~allowed_tokens(bitmask[0], len(scores))] = -np.inf
+            return scores
+
+        processors.append(mask)
+    return llama_cpp.LogitsProcessorList(processors) if processors else None

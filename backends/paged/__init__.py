@@ -7,9 +7,11 @@ Modules, one job each:
   tokenizer     a `tokenizers` Tokenizer from the GGUF vocab or tokenizer.json; incremental detokenization
   model         the Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, optional qkv bias)
   kv_cache      the per-layer block pool, sized from a memory budget
-  block_manager allocation, ref-counts, prefix caching by BLAKE2b chain digests, LRU eviction
+  block_manager allocation, ref-counts, prefix caching by BLAKE2b chain digests, LRU eviction,
+                forks (a request's choices sharing its prompt blocks)
   scheduler     continuous batching with a token budget, chunked prefill, preemption by recompute;
-                each sequence's progress (computed counts, tokens, stops, frees)
+                each sequence's progress (computed counts, tokens, grammars, stops, frees); the
+                choices of an n > 1 request admitted on their parent's prompt blocks
   attention     paged attention over the block pool: plain torch (CPU) or the Triton kernels (CUDA)
   triton_kernels  Triton paged attention: GQA split-K decode, varlen prefill over cached prefixes
   triton_ops    fused Triton kernels: (residual add +) RMSNorm, SiLU-and-mul, RoPE, K/V write
@@ -17,13 +19,16 @@ Modules, one job each:
   cuda_graphs   decode steps captured as CUDA graphs at bucketed batch sizes
   memory_profile  the GPU KV pool sized from a profiling pass (gpu_memory_utilization)
   hf_compat     the same weights in a transformers model (GPU checks, the benchmark's peer)
-  sampler       OpenAI sampling parameters, per-request seeded generators, logprobs; batched GPU fast path
+  sampler       OpenAI sampling parameters, per-request seeded generators, logprobs; batched GPU fast
+                path; grammar masks (llguidance bitmasks unpacked on the device) for both paths
   options       the backend's `options:` (torch-free: the gateway validates them)
-  sequence      one request's tokens, progress and blocks, as the scheduler tracks them
-  model_runner  the device half: a plan in, forward pass, CUDA graphs and sampling, tokens out
+  sequence      one choice's tokens, progress, blocks and grammar state; a request's choices (n)
+  model_runner  the device half: a plan in, forward pass, grammar masks built while it runs,
+                CUDA graphs and sampling, tokens out
   output_processor  new tokens -> text deltas: detokenization, stop strings, logprobs
   engine        the synchronous core: add_request / step / abort, a thin loop of
-                schedule -> runner.execute -> scheduler.update_from_output -> outputs
+                schedule -> runner.launch_forward / launch_sampling -> scheduler.update_from_output
+                -> outputs
   async_engine  one engine thread, per-request async streams
   backend       PagedBackend: the Backend protocol over all of the above (served by an engine
                 worker process: backends.worker)

@@ -132,7 +132,7 @@ class AsyncEngine:
                     stream = self._streams.get(out.request_id)
                     if stream is None:
                         continue
-                    if out.delta.finish_reason:
+                    if out.delta.final:  # the request's last choice finished
                         del self._streams[out.request_id]
                     deliveries.setdefault(stream[0], []).append((stream[1], out.delta))
                 for sink, items in deliveries.items():
@@ -193,8 +193,9 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        """Stream a request's deltas. Closing this iterator early aborts the request and
-        returns once its KV blocks are free."""
+        """Stream a request's deltas (every choice's, each by its `index`) up to the `final`
+        one. Closing this iterator early aborts the request and returns once its KV blocks
+        are free."""
         queue_: asyncio.Queue[Any] = asyncio.Queue()
         self.submit(request, _LoopSink(asyncio.get_running_loop()), queue_)
         finished = False
@@ -204,7 +205,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the engine already dropped it
                     raise item
-                if item.finish_reason:
+                if item.final:  # every choice has finished
                     finished = True
                 yield item
                 if finished:

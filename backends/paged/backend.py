@@ -7,11 +7,13 @@ The gateway calls PagedBackend(name=..., model=..., **options), then `await star
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from backends.generation import GenerationDelta, GenerationRequest
+from backends.grammar import GrammarCompiler
 from backends.local import LocalBackend
 from backends.paged.async_engine import AsyncEngine, EngineDeadError, OutputSink
 from backends.paged.config import ModelConfig
@@ -46,6 +48,8 @@ class PagedBackend(LocalBackend):
         self._config, self._tokenizer = load_config_and_tokenizer(self._source)
         self.engine: LLMEngine | None = None
         self._async: AsyncEngine | None = None
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()  # prepare runs in several threads at once
 
     # -- LocalBackend's hooks -----------------------------------------------------------------
 
@@ -64,6 +68,14 @@ class PagedBackend(LocalBackend):
     def chat_template(self) -> tuple[str | None, str, str]:
         t = self._tokenizer
         return t.chat_template, t.bos_text, t.eos_text
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The vocabulary for llguidance, built on first use (up to a second), for the
+        model's logits width (config.vocab_size), then kept."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = self._tokenizer.grammar_compiler(self._config.vocab_size)
+            return self._grammar
 
     async def start(self) -> None:
         if self._async is not None:

@@ -4,7 +4,7 @@ with LRU eviction of unreferenced cached blocks, and a watermark for admission.
 Block states:
   free       ref 0, no content worth keeping        -> `_free` (a deque)
   cached     ref 0, full block with a known digest  -> `_evictable` (LRU order), reusable by digest
-  in use     ref > 0 (shared prefix blocks have ref > 1)
+  in use     ref > 0 (shared prefix blocks, and a prompt shared by a request's choices, ref > 1)
 
 A cached block is found by its chain digest alone, with no comparison of tokens, so the digest
 must not collide: a collision would hand one request another prefix's KV. Python's `hash()` is
@@ -137,6 +137,22 @@ class BlockManager:
         hit = len(seq.block_table) * self.block_size
         self.prefix_hits += hit
         return hit
+
+    def fork(self, parent: Sequence, child: Sequence) -> int:
+        """Point a fresh child's table at its parent's full prompt blocks, shared by reference
+        (the other choices of an n > 1 request: the prompt's KV is computed once, with or
+        without prefix caching); set and return the child's computed tokens. As in
+        match_prefix, at least one prompt token is left to compute: the child needs its own
+        logits at the prompt's last position, and the partial last block is its own to fill."""
+        assert not child.block_table and child.prompt_ids == parent.prompt_ids
+        shared = (len(parent.prompt_ids) - 1) // self.block_size
+        assert parent.num_computed >= shared * self.block_size and len(parent.block_table) >= shared, "the parent's prompt is not computed"
+        child.block_table = parent.block_table[:shared]
+        for b in child.block_table:
+            self._ref[b] += 1  # > 1 now: the parent holds it too, so it is in no free list
+        child.block_hashes = parent.block_hashes[:shared]
+        child.num_computed = shared * self.block_size
+        return child.num_computed
 
     def commit_full_blocks(self, seq: Sequence, known: int | None = None) -> None:
         """Register the hashes of seq's blocks that became full and computed this step.

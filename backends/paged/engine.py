@@ -2,20 +2,42 @@
 
 A step is a one-way pipeline over four parts, each in its own module:
 
-    Scheduler.schedule()             which sequences run, how many tokens each (scheduler)
-    ModelRunner.execute(plan)        inputs, forward pass, sampling launched (model_runner)
-    Scheduler.update_from_output()   tokens appended, blocks committed, stops, frees (scheduler)
-    OutputProcessor.process()        text deltas, stop strings (output_processor)
+    Scheduler.schedule()               which sequences run, how many tokens each (scheduler)
+    ModelRunner.launch_forward(plan)   inputs, forward pass launched (model_runner)
+    ModelRunner.launch_sampling(step)  grammar masks, sampling launched (model_runner)
+    Scheduler.update_from_output()     tokens appended, grammars advanced, stops, frees (scheduler)
+    OutputProcessor.process()          text deltas, stop strings (output_processor)
 
 With async scheduling (on by default on CUDA) a step whose tokens were sampled on the device
 is collected one step later, after the next one has been launched, so the host's work for
-step N overlaps the device's for step N+1.
+step N overlaps the device's for step N+1. `step()` runs, for step N+1 with step N in flight:
+
+    plan N+1 -> launch_forward(N+1)      reads N's ids on the device; no grammar needs them
+             -> launch_sampling(N+1)     here at once when no row of N+1 has a grammar
+             -> collect N                N's ids read back; update_from_output feeds them to
+                                         the grammars (`Constraint.accept`)
+             -> launch_sampling(N+1)     here instead with grammar rows: their masks filled on
+                                         the host while the device runs N+1's forward pass,
+                                         then uploaded and applied
+             -> process N                N's deltas: text, stop strings
+             -> N+1 stays in flight      (collected now instead when the host sampler decides
+                                         its tokens, or without async scheduling)
+
+Those two places of `launch_sampling` are the one split in the pipeline: a step's forward pass
+needs only the last step's ids, its sampling the grammars moved past them. A row whose
+sequence finished at step N samples unmasked (a stop token, its length, a refused token) or
+masked (a stop string, found in `process N` after), and its token is dropped at collect, as any
+finished sequence's is. The CPU path, without async scheduling by default, makes the same calls
+with nothing in flight.
+
+A request with n > 1 runs as n sequences (a SequenceGroup): choice i is seeded seed + i and
+has its own copy of the grammar; the others share choice 0's prompt KV (see scheduler).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,8 +51,8 @@ from backends.paged.model_runner import LaunchedStep, ModelRunner, StepInfo
 from backends.paged.options import EngineOptions
 from backends.paged.output_processor import OutputProcessor, StepOutput
 from backends.paged.sampler import SamplerState
-from backends.paged.scheduler import Scheduler, SchedulerOutput
-from backends.paged.sequence import Sequence
+from backends.paged.scheduler import SampledToken, Scheduler, SchedulerOutput
+from backends.paged.sequence import Sequence, SequenceGroup
 from backends.paged.tokenizer import Tokenizer
 from backends.paged.weights import ModelWeights
 from backends.protocol import InvalidRequest
@@ -49,6 +71,9 @@ class EngineCounters:
     requests_aborted: int = 0
     step_time_s: float = 0.0
     graph_steps: int = 0  # decode steps replayed from a CUDA graph
+    # Tokens the model computed: prompt (and recomputed) chunks, and one-token decodes.
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -77,7 +102,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(tokenizer)
         self.async_scheduling = options.async_scheduling if options.async_scheduling is not None else self.device.type == "cuda"
         self._inflight: LaunchedStep | None = None  # async scheduling: launched, not collected
-        self.seqs: dict[str, Sequence] = {}
+        self.requests: dict[str, SequenceGroup] = {}
         self.counters = EngineCounters()
 
     @classmethod
@@ -113,10 +138,11 @@ class LLMEngine:
         """Raise InvalidRequest / ContextLengthExceeded for a request that can never run.
         Reads only immutable state, so any thread may call it."""
         s = request.sampling
-        if s.json_mode:
-            raise InvalidRequest("response_format json_object is not supported by the paged backend", param="response_format")
-        if s.json_schema is not None:
-            raise InvalidRequest("response_format json_schema is not supported by the paged backend", param="response_format")
+        if s.grammar is not None and request.constraint is None:
+            # Compiled against the vocabulary in LocalBackend.prepare; never run unconstrained.
+            raise InvalidRequest("the request's grammar was not compiled for this model", param="response_format")
+        if s.n < 1:
+            raise InvalidRequest("n must be at least 1", param="n")
         if not request.prompt_tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if s.max_tokens < 1:
@@ -127,28 +153,41 @@ class LLMEngine:
         output_budget(len(request.prompt_tokens), s.max_tokens, self.max_model_len)
 
     def add_request(self, request: GenerationRequest) -> None:
-        """Validate a request and queue it for the scheduler."""
+        """Validate a request and queue its choices for the scheduler."""
         self.validate(request)
-        if request.request_id in self.seqs:
+        if request.request_id in self.requests:
             raise InvalidRequest(f"duplicate request id {request.request_id!r}")
         s = request.sampling
         stop_ids = set(s.stop_token_ids)
-        if not s.ignore_eos:
+        # EOS ends a constrained sequence even with ignore_eos: a complete grammar allows nothing else.
+        if not s.ignore_eos or request.constraint is not None:
             stop_ids.update(self.tokenizer.eos_token_ids)
-        seq = Sequence(request.request_id, list(request.prompt_tokens), s, priority=request.priority, stop_token_ids=frozenset(stop_ids))
-        seq.sampler = SamplerState.create(s, seq.prompt_ids, "cpu")
-        self.outputs.add(seq)
-        self.seqs[request.request_id] = seq
-        self.scheduler.add(seq)
-        self.counters.prompt_tokens += len(seq.prompt_ids)
+        prompt = list(request.prompt_tokens)  # shared by the choices: never mutated
+        seqs: list[Sequence] = []
+        for i in range(s.n):
+            params = s if i == 0 or s.seed is None else replace(s, seed=s.seed + i)
+            constraint = request.constraint if i == 0 or request.constraint is None else request.constraint.copy()
+            seq = Sequence(
+                request.request_id, prompt, params, priority=request.priority, stop_token_ids=frozenset(stop_ids),
+                index=i, parent=seqs[0] if seqs else None, constraint=constraint,
+            )  # fmt: skip
+            seq.sampler = SamplerState.create(params, prompt, "cpu")
+            seqs.append(seq)
+        self.requests[request.request_id] = SequenceGroup(request.request_id, seqs)
+        for seq in seqs:
+            self.outputs.add(seq)
+            self.scheduler.add(seq)
+        self.counters.prompt_tokens += len(prompt)
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request and free its blocks now. False if it is unknown or already done."""
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
+        """Drop a request, every choice of it, and free their blocks now. False if it is
+        unknown or already done."""
+        group = self.requests.pop(request_id, None)
+        if group is None:
             return False
-        self.scheduler.remove(seq)
-        self.outputs.remove(request_id)
+        for seq in group.seqs:
+            self.scheduler.remove(seq)
+            self.outputs.remove(seq)
         self.counters.requests_aborted += 1
         return True
 
@@ -161,42 +200,67 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Plan, launch, and hand back the deltas of the sequences that produced tokens. With
         async scheduling those are mostly the previous step's: a step sampled on the device is
-        collected after the next one has been launched."""
+        collected after the next one has been launched (see the module docstring)."""
         t0 = time.perf_counter()
         prev, self._inflight = self._inflight, None
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return self._finish(prev) if prev is not None else []
         launched = self._run_model(plan)
-        if self.runner.last_step is not None and self.runner.last_step.graph:
-            self.counters.graph_steps += 1
+        if not launched.constrained:
+            self._run_sampling(launched)  # nothing to wait for
+        info = self.runner.last_step
+        if info is not None:
+            self.counters.graph_steps += int(info.graph)
+            self.counters.prefill_tokens += info.num_prefill_tokens
+            self.counters.decode_tokens += info.num_decodes
         self.scheduler.update_after_launch(plan)
-        outputs = self._finish(prev) if prev is not None else []
-        if self.async_scheduling and launched.on_device:
+        tokens = self._collect(prev) if prev is not None else []
+        if launched.constrained:
+            self._run_sampling(launched)  # the grammars have taken every earlier token now
+        outputs = self._process(tokens)
+        if self.async_scheduling and launched.deferrable:
             self._inflight = launched
         else:
-            # Sync scheduling, or rows that need the host sampler: their penalties read the
-            # previous step's tokens, just collected, so this step is collected after them.
+            # Sync scheduling, or rows that need the host sampler (their penalties read the
+            # previous step's tokens, just collected, so this step is collected after them).
             outputs += self._finish(launched)
         self.counters.steps += 1
         self.counters.step_time_s += time.perf_counter() - t0
         return outputs
 
     def _run_model(self, plan: SchedulerOutput) -> LaunchedStep:
-        """The step's one call into the model runner (benchmarks wrap it to time the device)."""
-        return self.runner.execute(plan)
+        """Launch a step's forward pass (benchmarks wrap this and `_run_sampling` to time the device)."""
+        return self.runner.launch_forward(plan)
+
+    def _run_sampling(self, launched: LaunchedStep) -> None:
+        """Launch a step's sampling, after its forward pass (and, with grammar rows, the
+        collection of the step before)."""
+        self.runner.launch_sampling(launched)
 
     def _finish(self, launched: LaunchedStep) -> list[StepOutput]:
         """Collect a launched step's tokens and turn them into progress and deltas."""
+        return self._process(self._collect(launched))
+
+    def _collect(self, launched: LaunchedStep) -> list[SampledToken]:
+        """A launched step's tokens, read back (or host-sampled) and recorded as progress."""
         tokens = self.scheduler.update_from_output(self.runner.collect(launched))
         self.counters.generation_tokens += len(tokens)
+        return tokens
+
+    def _process(self, tokens: list[SampledToken]) -> list[StepOutput]:
+        """Deltas for collected tokens; finishes the sequences a stop string ended."""
         outputs, stopped = self.outputs.process(tokens)
         for seq in stopped:
             self.scheduler.remove(seq)  # a stop string: finished here, not by the scheduler
         for out in outputs:
             if out.delta.finish_reason is not None:
-                self.seqs.pop(out.request_id, None)
-                self.counters.requests_finished += 1
+                group = self.requests[out.request_id]
+                group.num_unfinished -= 1
+                if group.num_unfinished == 0:  # the request's last choice: its last delta
+                    out.delta.final = True
+                    del self.requests[out.request_id]
+                    self.counters.requests_finished += 1
         return outputs
 
     # -- the runner's parts (benchmarks and tests reach them through the engine) ---------------
@@ -244,13 +308,20 @@ class LLMEngine:
             "turnout:paged_steps": float(self.counters.steps),
         }
 
-    def generate_sync(self, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-        """Run requests to completion on this thread; return output token ids by request id.
-        (Tests and benchmarks.)"""
-        out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    def generate_choices(self, requests: list[GenerationRequest]) -> dict[str, list[list[int]]]:
+        """Run requests (and any already added) to completion on this thread; return each
+        choice's output token ids by request id. (Tests and benchmarks.)"""
+        out: dict[str, list[list[int]]] = {r.request_id: [[] for _ in range(r.sampling.n)] for r in requests}
         for r in requests:
             self.add_request(r)
         while self.has_unfinished():
             for o in self.step():
-                out.setdefault(o.request_id, []).extend(o.delta.token_ids)
+                choices = out.setdefault(o.request_id, [])
+                while len(choices) <= o.delta.index:
+                    choices.append([])
+                choices[o.delta.index].extend(o.delta.token_ids)
         return out
+
+    def generate_sync(self, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+        """generate_choices for requests of one choice: output token ids by request id."""
+        return {rid: choices[0] for rid, choices in self.generate_choices(requests).items()}

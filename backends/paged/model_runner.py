@@ -7,10 +7,20 @@ finishing) to the scheduler, which gets the `RunnerOutput` that `collect` return
 thing it keeps on a sequence is its own sampler state (`Sequence.sampler`: seeded generator,
 penalty history).
 
-A step is launched (`execute`) and collected (`collect`) in two calls so that the engine can
-plan and launch the next step while the device still runs this one (async scheduling): the
-ids sampled on the device stay there as the next step's inputs, and are copied into a pinned
-host buffer that `collect` reads after an event, the step's one sync.
+A step is launched in two calls, `launch_forward` (inputs and forward pass) and
+`launch_sampling` (grammar masks, then the sampling kernels), and collected in a third
+(`collect`), so that the engine can plan and launch the next step while the device still runs
+this one (async scheduling): the ids sampled on the device stay there as the next step's
+inputs, and are copied into a pinned host buffer that `collect` reads after an event, the
+step's one sync. The forward pass needs only the last step's ids (on the device); the
+sampling of a step with grammar-constrained rows needs the grammars moved past those ids,
+which is why the engine launches it apart, after collecting the last step.
+
+Grammar-constrained rows: `launch_sampling` fills the step's int32 token bitmask (llguidance,
+on its thread pool with the GIL released) while the device computes the forward pass, copies
+it over (from a pinned buffer on CUDA) and unpacks it there; both sampling paths draw from the
+masked logits. A row whose sequence finished after the forward pass was launched gets no mask
+(its token is dropped at collect).
 """
 
 from __future__ import annotations
@@ -21,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from backends.grammar import bitmask_width, fill_bitmasks
 from backends.paged.attention import TorchPagedAttention
 from backends.paged.config import ModelConfig
 from backends.paged.kv_cache import KVCache, num_blocks_for_budget
 from backends.paged.memory_profile import profile_num_blocks
 from backends.paged.model import LlamaModel, TorchOps
 from backends.paged.options import EngineOptions
-from backends.paged.sampler import Sample, sample_batch, sample_tokens_device
+from backends.paged.sampler import Sample, sample_batch, sample_tokens_device, unpack_bitmask
 from backends.paged.scheduler import ScheduledSeq, SchedulerOutput
 from backends.paged.sequence import PENDING, Sequence, SeqStatus
 from backends.paged.step_inputs import StepInputs, build_step_inputs, to_device
@@ -55,17 +66,22 @@ class RunnerOutput:
 
 @dataclass
 class LaunchedStep:
-    """A step whose forward pass (and device sampling, where it applies) has been launched."""
+    """A step whose forward pass has been launched (`launch_forward`), then its sampling
+    (`launch_sampling`): on the device where every row allows it, else at collect on the host."""
 
     rows: list[Sequence]  # the sequences that sample, by logits row
-    tokens: torch.Tensor | None  # [n] int64 on the device; None: the host sampler decides at collect
-    logits: torch.Tensor | None  # kept for the host sampler only
-    host: torch.Tensor | None  # pinned [>= n] int64 the device tokens are copied into
-    event: Any  # torch.cuda.Event recorded after that copy (None on CPU)
+    constrained: bool  # some row has a grammar: its sampling waits for the masks
+    logits: torch.Tensor | None  # until sampled on the device; kept for the host sampler
+    tokens: torch.Tensor | None = None  # [n] int64 on the device; None: the host sampler decides at collect
+    host: torch.Tensor | None = None  # pinned [>= n] int64 the device tokens are copied into
+    event: Any = None  # torch.cuda.Event recorded after that copy (None on CPU)
+    allowed: torch.Tensor | None = None  # bool [n, V] on the device: the grammars' masks (None: no grammar)
+    sampled: bool = False  # launch_sampling has run
 
     @property
-    def on_device(self) -> bool:
-        """Whether the tokens were decided on the device (so collecting them can wait a step)."""
+    def deferrable(self) -> bool:
+        """Whether collecting it can wait until the next step is launched: its tokens were
+        decided on the device (the next forward pass reads them there)."""
         return self.tokens is not None
 
 
@@ -133,22 +149,44 @@ class ModelRunner:
         # a decode whose last token is still PENDING reads its input id from there.
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict[Sequence, int] = {}
+        # Grammar bitmasks [max_num_seqs, W] int32, pinned on CUDA, made on first use; the event
+        # marks the last copy out of it, which must be done before the buffer is refilled.
+        self._mask_host: torch.Tensor | None = None
+        self._mask_event: Any = None
 
     # -- one step --------------------------------------------------------------------------------
 
-    def execute(self, plan: SchedulerOutput) -> LaunchedStep:
-        """Build the plan's inputs, launch its forward pass and, where every sampling row
-        allows it, its sampling on the device. Call before the scheduler moves the plan's
-        sequences on (update_after_launch): the inputs are read from them."""
+    def launch_forward(self, plan: SchedulerOutput) -> LaunchedStep:
+        """Build the plan's inputs and launch its forward pass; its sampling is left to
+        `launch_sampling`. Call before the scheduler moves the plan's sequences on
+        (update_after_launch): the inputs are read from them, and after the last step's
+        `launch_sampling`: decodes fed from the device read its ids."""
         prefills, decodes = split_prefills_decodes(plan.scheduled)
         rows = [s.seq for s in prefills + decodes if s.samples]
         inp = build_step_inputs(prefills, decodes, self.options.block_size)
         self._feed_from_device(inp, prefills, decodes)
         logits = self.forward(inp)
-        tokens = sample_tokens_device(logits, [seq.sampler for seq in rows]) if rows else None
-        if tokens is None:
+        constrained = any(seq.constraint is not None for seq in rows)
+        return LaunchedStep(rows, constrained, logits if rows else None)
+
+    def launch_sampling(self, step: LaunchedStep) -> None:
+        """Launch a step's sampling after its forward pass: its grammars' masks filled (call
+        this once each grammar has taken every earlier token of its sequence), then on the
+        device where every row allows it, with the copy of the ids to the host. Rows the device
+        cannot decide keep the logits for `collect`."""
+        assert not step.sampled, "a step samples once"
+        step.sampled = True
+        rows = step.rows
+        if not rows:
             self._last_tokens, self._last_rows = None, {}
-            return LaunchedStep(rows, None, logits if rows else None, None, None)
+            return
+        assert step.logits is not None
+        if step.constrained:
+            step.allowed = self._grammar_mask(rows)  # host work while the device runs the forward pass
+        tokens = sample_tokens_device(step.logits, [seq.sampler for seq in rows], step.allowed)
+        if tokens is None:  # the host sampler decides at collect
+            self._last_tokens, self._last_rows = None, {}
+            return
         k = self._token_next
         self._token_next = 1 - k
         host, event = self._token_host[k], self._token_events[k]
@@ -156,12 +194,38 @@ class ModelRunner:
         if event is not None:
             event.record()
         self._last_tokens, self._last_rows = tokens, {seq: i for i, seq in enumerate(rows)}
-        return LaunchedStep(rows, tokens, None, host, event)
+        step.tokens, step.host, step.event, step.logits = tokens, host, event, None
+
+    def _grammar_mask(self, rows: list[Sequence]) -> torch.Tensor:
+        """The allowed tokens (bool [len(rows), V] on the device) of a step with constrained
+        rows. Unconstrained rows, and rows whose sequence has finished since the step was
+        launched (their grammar may be done or broken), allow every token."""
+        constrained = [
+            (seq.constraint, i) for i, seq in enumerate(rows) if seq.constraint is not None and seq.status is not SeqStatus.FINISHED
+        ]
+        vocab = self.config.vocab_size
+        if self._mask_host is None:
+            pin = self.device.type == "cuda"
+            self._mask_host = torch.zeros((self.options.max_num_seqs, bitmask_width(vocab)), dtype=torch.int32, pin_memory=pin)
+            self._mask_event = torch.cuda.Event() if pin else None
+        elif self._mask_event is not None:
+            self._mask_event.synchronize()  # the previous step's copy has left the buffer
+        host = self._mask_host[: len(rows)]
+        bits = host.numpy()
+        if len(constrained) < len(rows):
+            bits.fill(-1)  # all bits set: every token allowed
+        fill_bitmasks(constrained, bits)
+        if self._mask_event is None:
+            return unpack_bitmask(host, vocab)  # on the CPU: done before the buffer is reused
+        device_bits = host.to(self.device, non_blocking=True)
+        self._mask_event.record()
+        return unpack_bitmask(device_bits, vocab)
 
     def collect(self, step: LaunchedStep) -> RunnerOutput:
         """The launched step's tokens for its sequences that are still live: read back from
         the device (waiting for the copy), or sampled on the host now. The host sampler runs
         this late on purpose: penalties need the tokens of the step before, collected first."""
+        assert step.sampled, "launch_sampling comes before collect"
         live = [i for i, seq in enumerate(step.rows) if seq.status is not SeqStatus.FINISHED]
         seqs = [step.rows[i] for i in live]
         samples: list[Sample | None]
@@ -173,8 +237,12 @@ class ModelRunner:
             samples = [None] * len(live)
         elif seqs:
             assert step.logits is not None
-            logits = step.logits if len(live) == len(step.rows) else step.logits.index_select(0, torch.tensor(live, device=step.logits.device))
-            results = sample_batch(logits, [seq.sampler for seq in seqs])
+            logits, allowed = step.logits, step.allowed
+            if len(live) < len(step.rows):
+                index = torch.tensor(live, device=logits.device)
+                logits = logits.index_select(0, index)
+                allowed = None if allowed is None else allowed.index_select(0, index)
+            results = sample_batch(logits, [seq.sampler for seq in seqs], allowed)
             token_ids = [r.token_id for r in results]
             samples = list(results)
         else:

@@ -19,7 +19,7 @@ from backends.stop import StopMatcher
 
 @dataclass
 class StepOutput:
-    """One request's delta from one engine step."""
+    """One choice's delta from one engine step (the engine sets `delta.final`)."""
 
     request_id: str
     delta: GenerationDelta
@@ -32,19 +32,19 @@ class _TextState:
 
 
 class OutputProcessor:
-    """Per-request text state, from add() until the request's last delta (or remove())."""
+    """Per-sequence (one per choice) text state, from add() until its last delta (or remove())."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._states: dict[str, _TextState] = {}
+        self._states: dict[Sequence, _TextState] = {}
 
     def add(self, seq: Sequence) -> None:
-        """Start a request's detokenizer (after its prompt) and stop-string matcher."""
-        self._states[seq.request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids), StopMatcher(seq.sampling.stop))
+        """Start a sequence's detokenizer (after its prompt) and stop-string matcher."""
+        self._states[seq] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids), StopMatcher(seq.sampling.stop))
 
-    def remove(self, request_id: str) -> None:
-        """Forget a request (aborted)."""
-        self._states.pop(request_id, None)
+    def remove(self, seq: Sequence) -> None:
+        """Forget a sequence (aborted)."""
+        self._states.pop(seq, None)
 
     def process(self, tokens: list[SampledToken]) -> tuple[list[StepOutput], list[Sequence]]:
         """(a delta per token, the sequences a stop string ended, which the caller finishes)."""
@@ -52,8 +52,7 @@ class OutputProcessor:
         stopped: list[Sequence] = []
         tt = self.tokenizer.token_text
         for t in tokens:
-            rid = t.seq.request_id
-            state = self._states[rid]
+            state = self._states[t.seq]
             finish = t.finish_reason
             logprobs = None
             if finish == "stop":  # a stop token: its own text is not part of the output
@@ -70,6 +69,7 @@ class OutputProcessor:
                 elif finish == "length":
                     text += state.stops.flush()
             if finish is not None:
-                del self._states[rid]
-            outputs.append(StepOutput(rid, GenerationDelta(text=text, token_ids=[t.token_id], finish_reason=finish, logprobs=logprobs)))
+                del self._states[t.seq]
+            delta = GenerationDelta(text=text, token_ids=[t.token_id], finish_reason=finish, logprobs=logprobs, index=t.seq.index)
+            outputs.append(StepOutput(t.seq.request_id, delta))
         return outputs, stopped

@@ -3,7 +3,11 @@
 Each request carries its own torch.Generator (seeded from `seed`, or randomly), and every
 row is sampled on its own, so a seeded request draws the same tokens whatever else shares
 the batch. Logprobs are those of the model's distribution after logit_bias and penalties,
-before temperature and truncation (vLLM's default, "raw" processed logprobs).
+before temperature and truncation (vLLM's default, "raw" processed logprobs), and before a
+grammar's mask (as the llama.cpp runner reports them).
+
+A grammar's mask comes as a bool [B, V] tensor of allowed tokens (`unpack_bitmask`, on the
+device); both sampling paths take it and draw from the masked logits (`mask_logits`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,22 @@ class Sample:
     token_id: int
     logprob: float | None = None  # None unless logprobs were asked for
     top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bool [B, vocab_size] (True: allowed) from an int32 bitmask [B, W] as llguidance writes
+    it (bit j of word i: token 32 i + j), with torch ops on the bitmask's device and no sync.
+    Read as little-endian bytes, byte 4 i + k holds tokens 32 i + 8 k .. 32 i + 8 k + 7, so
+    unpacking each byte's bits in order lays the tokens out in order, one byte each."""
+    as_bytes = bitmask.view(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    bits = (as_bytes.unsqueeze(-1) >> shifts) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Logits with -inf where `allowed` (bool, the logits' shape) is False; unchanged for None."""
+    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
@@ -81,16 +101,18 @@ def truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample]:
-    """One token per row of logits [B, V] (float32) for the matching states."""
+def sample(logits: torch.Tensor, states: list[SamplerState], allowed: torch.Tensor | None = None) -> list[Sample]:
+    """One token per row of logits [B, V] (float32) for the matching states, drawn from the
+    tokens `allowed` (bool [B, V], a grammar's mask) where given."""
     out: list[Sample] = []
-    for row, state in zip(logits, states):
+    for i, (row, state) in enumerate(zip(logits, states)):
         p = state.params
         row = apply_penalties_and_bias(row, state)
+        pick = mask_logits(row, None if allowed is None else allowed[i])
         if p.greedy:
-            token = int(torch.argmax(row))
+            token = int(torch.argmax(pick))
         else:
-            probs = truncate(row, p).softmax(-1)
+            probs = truncate(pick, p).softmax(-1)
             token = int(torch.multinomial(probs, 1, generator=state.generator))
         s = Sample(token)
         if p.logprobs is not None:
@@ -119,12 +141,14 @@ def _is_batchable_random(p: SamplingParams) -> bool:
     return p.seed is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
 
 
-def sample_tokens_device(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor | None:
+def sample_tokens_device(logits: torch.Tensor, states: list[SamplerState], allowed: torch.Tensor | None = None) -> torch.Tensor | None:
     """Token ids [B] (int64, on the logits' device, not synced) when every row can be decided
-    in one batch on the device (greedy, or unseeded plain temperature); None otherwise."""
+    in one batch on the device (greedy, or unseeded plain temperature); None otherwise. Drawn
+    from the tokens `allowed` (bool [B, V] on the logits' device) where given."""
     params = [s.params for s in states]
     if not all(_is_plain(p) and (p.greedy or _is_batchable_random(p)) for p in params):
         return None
+    logits = mask_logits(logits, allowed)
     if all(p.greedy for p in params):
         return logits.argmax(-1)
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
@@ -136,16 +160,18 @@ def sample_tokens_device(logits: torch.Tensor, states: list[SamplerState]) -> to
     return torch.where(greedy, logits.argmax(-1), drawn)
 
 
-def sample_batch(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample]:
-    """One token per row of logits [B, V] (float32, any device) for the matching states.
+def sample_batch(logits: torch.Tensor, states: list[SamplerState], allowed: torch.Tensor | None = None) -> list[Sample]:
+    """One token per row of logits [B, V] (float32, any device) for the matching states,
+    among the tokens `allowed` (bool [B, V] on the logits' device) where given.
 
     Greedy and unseeded plain-temperature rows are decided on the logits' device in one batch
     with a single device -> host copy (the GPU step's only sync). Anything else (seeds, which
     need each request's own generator, penalties, bias, truncation, logprobs) goes through
     `sample` row by row on the CPU, so its results do not depend on the fast path."""
-    tokens = sample_tokens_device(logits, states)
+    tokens = sample_tokens_device(logits, states, allowed)
     if tokens is not None:
         return [Sample(int(t)) for t in tokens.tolist()]
     if logits.device.type != "cpu":
         logits = logits.cpu()  # the per-request generators live on the CPU
-    return sample(logits, states)
+        allowed = None if allowed is None else allowed.cpu()
+    return sample(logits, states, allowed)

@@ -14,12 +14,19 @@ reads a plan. `update_after_launch(plan)` counts the plan's tokens as computed, 
 place for each token being sampled and registers the blocks now full of known tokens;
 `update_from_output(runner_output)` fills the places in, finishes sequences on a stop token or
 at their length and frees them. With async scheduling the next `schedule()` runs between the
-two, while the sampled tokens are still on the device.
+two, while the sampled tokens are still on the device. A sequence's grammar (`constraint`)
+advances here too, with each token as it becomes known.
+
+The choices of an n > 1 request wait until choice 0 (the parent) has computed its prompt and
+are then admitted on its full prompt blocks, shared by reference (BlockManager.fork), so the
+prompt is computed once. A choice whose parent finished or was preempted first computes its
+prompt itself (through the prefix cache where it is on).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,6 +37,8 @@ from backends.paged.sequence import PENDING, Sequence, SeqStatus
 if TYPE_CHECKING:
     from backends.paged.model_runner import RunnerOutput
     from backends.paged.sampler import Sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,6 +100,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.num_preemptions = 0
+        self.num_grammar_rejections = 0  # tokens a grammar refused although its mask allowed them (a bug)
 
     # -- queue management ------------------------------------------------------------------
 
@@ -153,10 +163,14 @@ class Scheduler:
             i += 1
 
         # Admit new work only when nothing had to be preempted: the pool is under pressure.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
+        w = 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[w]
             if not seq.block_table:
-                seq.num_computed = self.bm.match_prefix(seq)
+                if self._waits_for_parent(seq):
+                    w += 1  # passed over, not blocking: the work behind it does not wait for its parent
+                    continue
+                seq.num_computed = self._start(seq)
             remaining = seq.num_tokens - seq.num_computed
             if not self.enable_chunked_prefill and remaining > budget:
                 self._unmatch(seq)
@@ -166,12 +180,27 @@ class Scheduler:
                 self._unmatch(seq)
                 break
             self.bm.allocate(seq, seq.num_computed + n)
-            self.waiting.pop(0)
+            self.waiting.pop(w)
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=Sequence.sort_key)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return out
+
+    @staticmethod
+    def _waits_for_parent(seq: Sequence) -> bool:
+        """Whether a further choice waits for its parent's prompt: the parent is live, has not
+        been preempted, and the prompt's KV is not computed (launched) yet."""
+        p = seq.parent
+        return p is not None and p.status is not SeqStatus.FINISHED and not p.num_preemptions and p.num_computed < len(p.prompt_ids)
+
+    def _start(self, seq: Sequence) -> int:
+        """Tokens a waiting sequence without blocks starts with: its parent's prompt blocks
+        when the parent is running with its prompt computed, else the prefix cache's."""
+        p = seq.parent
+        if p is not None and p.status is SeqStatus.RUNNING and p.num_computed >= len(p.prompt_ids):
+            return self.bm.fork(p, seq)
+        return self.bm.match_prefix(seq)
 
     def _unmatch(self, seq: Sequence) -> None:
         """Give back prefix-cache blocks a waiting sequence took but cannot use yet."""
@@ -210,12 +239,22 @@ class Scheduler:
             finish = None
             if token in seq.stop_token_ids:
                 finish = "stop"
+            elif seq.constraint is not None and not seq.constraint.accept(token):
+                self._grammar_rejected(seq, token)
+                finish = "stop"
             elif self._is_last(seq, index):
                 finish = "length"
             if finish is not None:
                 self.remove(seq)
             new.append(SampledToken(seq, token, index, finish, sample))
         return new
+
+    def _grammar_rejected(self, seq: Sequence, token: int) -> None:
+        """The mask allowed a token the grammar then refused (an llguidance or masking bug):
+        the sequence ends with "stop" on the text so far. Logged once, counted always."""
+        self.num_grammar_rejections += 1
+        if self.num_grammar_rejections == 1:
+            log.warning("grammar refused token %d of request %s (choice %d); finishing it (logged once)", token, seq.request_id, seq.index)
 
     def _is_last(self, seq: Sequence, index: int) -> bool:
         """Whether output token `index` is the sequence's last: max_tokens, or the context's end."""

@@ -1,13 +1,17 @@
-"""A request's state inside the engine: its tokens, how many are in the KV cache, its blocks."""
+"""A request's state inside the engine: one Sequence per choice (OpenAI's n) with its tokens,
+how many are in the KV cache, its blocks and its grammar state; a SequenceGroup per request."""
 
 from __future__ import annotations
 
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends.generation import SamplingParams
+
+if TYPE_CHECKING:
+    from backends.grammar import Constraint
 
 _arrival = itertools.count()
 
@@ -46,6 +50,12 @@ class Sequence:
     # newest of them is certain to be the last token (length), whatever its value.
     num_pending: int = 0
     final_pending: bool = False
+    # The choice (OpenAI's n) this sequence generates, and for choices > 0 the request's choice
+    # 0, whose prompt KV blocks it shares once they are computed (Scheduler, BlockManager.fork).
+    index: int = 0
+    parent: Sequence | None = None
+    # The grammar its output must follow (advanced by the scheduler with each token), or None.
+    constraint: Constraint | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -67,3 +77,16 @@ class Sequence:
     def sort_key(self) -> tuple[int, int]:
         """FCFS within priority (lower priority value runs first)."""
         return (self.priority, self.arrival)
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request's choices, choice 0 first. Its last delta is `final` when the last of them
+    finishes."""
+
+    request_id: str
+    seqs: list[Sequence]
+    num_unfinished: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_unfinished = len(self.seqs)

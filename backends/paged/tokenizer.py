@@ -1,12 +1,16 @@
 """Tokenizers: built from a GGUF's BPE vocab, merges and pre-tokenizer (so tokens match
-llama.cpp's), from an HF tokenizer.json, or a byte tokenizer for dummy models; plus
-incremental detokenization for streaming."""
+llama.cpp's), from an HF tokenizer.json, or a byte tokenizer for dummy models; each also gives
+its vocabulary to llguidance (`grammar_compiler`); plus incremental detokenization for
+streaming."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from backends.grammar import GrammarCompiler
 
 # llama.cpp's pre-tokenizer regexes by `tokenizer.ggml.pre` (llama-vocab.cpp). Each is applied
 # in turn as an isolating split, as llama.cpp does, before byte-level BPE.
@@ -52,6 +56,12 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
     def token_text(self, token_id: int) -> str: ...
 
+    def grammar_compiler(self, vocab_size: int) -> GrammarCompiler:
+        """This vocabulary as llguidance sees it, for a model whose logits are `vocab_size`
+        wide (ids past the tokenizer's own are never allowed). Costs up to a second: callers
+        build it once (PagedBackend.grammar_compiler)."""
+        ...
+
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with the model's special tokens and chat template."""
@@ -88,6 +98,12 @@ class HFTokenizer:
     def token_text(self, token_id: int) -> str:
         """One token's own text (for logprobs), special tokens included."""
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def grammar_compiler(self, vocab_size: int) -> GrammarCompiler:
+        """From the tokenizer's JSON, as llguidance reads HF tokenizers (see Tokenizer)."""
+        from backends.grammar import GrammarCompiler
+
+        return GrammarCompiler.from_tokenizer_json(self._tok.to_str(), vocab_size=vocab_size, eos_token_ids=list(self.eos_token_ids))
 
 
 def tokenizer_from_gguf(reader: Any) -> HFTokenizer:
@@ -202,6 +218,16 @@ class ByteTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self._table[token_id].decode("utf-8", errors="replace")
+
+    def grammar_compiler(self, vocab_size: int) -> GrammarCompiler:
+        """From every id's bytes (see Tokenizer): the specials are none, ids past the bytes
+        are their "<id>" text, as decode shows them."""
+        from backends.grammar import GrammarCompiler
+
+        specials = list(range(self.OFFSET))
+        return GrammarCompiler.from_token_bytes(
+            [self._bytes(i) for i in range(vocab_size)], eos_token_id=self.eos_token_ids[0], bos_token_id=self.bos_token_id, special_ids=specials
+        )
 
 
 class IncrementalDetokenizer:

@@ -5,6 +5,12 @@ litellm is imported lazily (it is slow to import and optional); its responses ar
 converted field by field into our models rather than validated wholesale, so provider
 extras litellm adds cannot break a response. Errors follow the one upstream status policy
 (backends/remote/upstream_errors.py), applied to the provider's status.
+
+Tool calling (tools, tool_choice, parallel_tool_calls and the tool history) and `n` are
+passed on in OpenAI's shape, which litellm translates per provider; what a provider lacks is
+a 400 naming it (drop_params off), what this backend cannot pass on is refused by name.
+A streamed `n > 1` is served as n one-choice streams merged under their choice indices:
+litellm's stream wrapper keeps one finish reason per stream, so it cannot carry several.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -25,8 +33,11 @@ from backends.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     ChunkChoice,
     ChunkDelta,
+    ChunkFunctionCall,
+    ChunkToolCall,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -34,7 +45,9 @@ from backends.protocol import (
     InvalidRequest,
     LoadReport,
     ModelCard,
+    ResponseFunctionCall,
     ResponseMessage,
+    ResponseToolCall,
     Usage,
 )
 from backends.remote.openai_http import _before
@@ -46,6 +59,8 @@ _FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter
 _litellm: Any = None
 # Request fields this backend neither passes to litellm nor reads back from its answers.
 _UNFORWARDED = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias", "logprobs", "top_logprobs", "echo")
+# The first parameter litellm's UnsupportedParamsError names ("... does not support parameters: ['seed'], ...").
+_UNSUPPORTED = re.compile(r"does not support parameters: \[\s*'([^']+)'")
 
 
 def _lib() -> Any:
@@ -72,15 +87,72 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
     return getattr(obj, key, default)
 
 
+def _set(obj: Any, key: str, value: Any) -> None:
+    """Attribute or key assignment, as `_get` reads."""
+    if isinstance(obj, dict):
+        obj[key] = value
+    else:
+        setattr(obj, key, value)
+
+
 def _finish(reason: Any) -> str | None:
     return _FINISH.get(reason) if reason else None
 
 
 def _usage(raw: Any) -> Usage | None:
+    """Usage as litellm reports it (its total where it gives one)."""
     if raw is None:
         return None
     prompt, completion = int(_get(raw, "prompt_tokens", 0) or 0), int(_get(raw, "completion_tokens", 0) or 0)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    total = _get(raw, "total_tokens")
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total if isinstance(total, int) else prompt + completion)
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A history message in OpenAI's shape, which litellm translates per provider (an
+    assistant's tool_calls into Anthropic's tool_use blocks, a tool result into tool_result)."""
+    # Providers know system, user, assistant and tool; developer is OpenAI's new name for system.
+    # An assistant that only called tools has no content (an empty text block is an error to some).
+    out: dict[str, Any] = {
+        "role": "system" if m.role == "developer" else m.role,
+        "content": None if m.content is None and m.tool_calls else m.text(),
+    }
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _response_tool_calls(raw: Any) -> list[ResponseToolCall] | None:
+    """A non-streamed message's tool calls (litellm's `message.tool_calls`), None without any."""
+    calls = [
+        ResponseToolCall(
+            id=_get(call, "id") or f"call_{uuid.uuid4().hex[:24]}",  # a client must be able to answer it
+            function=ResponseFunctionCall(name=_get(fn, "name") or "", arguments=_get(fn, "arguments") or ""),
+        )
+        for call in raw or []
+        for fn in (_get(call, "function"),)
+    ]
+    return calls or None
+
+
+def _chunk_tool_calls(raw: Any) -> list[ChunkToolCall] | None:
+    """A streamed delta's tool-call fragments, as the provider streamed them (through litellm):
+    index, id, type and name where it sent them, and each fragment of the arguments."""
+    calls = [
+        ChunkToolCall(
+            index=int(_get(call, "index", position) or 0),
+            id=_get(call, "id"),
+            type="function" if _get(call, "type") == "function" else None,
+            function=ChunkFunctionCall(name=_get(fn, "name"), arguments=_get(fn, "arguments")),
+        )
+        for position, call in enumerate(raw or [])
+        for fn in (_get(call, "function"),)
+    ]
+    return calls or None
 
 
 class LiteLLMBackend:
@@ -142,10 +214,11 @@ class LiteLLMBackend:
         choices = [
             ChatChoice(
                 index=int(_get(c, "index", i) or 0),
-                message=ResponseMessage(content=_get(_get(c, "message"), "content")),
+                message=ResponseMessage(content=_get(message, "content"), tool_calls=_response_tool_calls(_get(message, "tool_calls"))),
                 finish_reason=_finish(_get(c, "finish_reason")),  # type: ignore[arg-type]
             )
             for i, c in enumerate(_get(raw, "choices") or [])
+            for message in (_get(c, "message"),)
         ]
         return ChatCompletion(
             id=_get(raw, "id") or f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -156,19 +229,22 @@ class LiteLLMBackend:
         )
 
     def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        kwargs = {**self._chat_kwargs(request), "stream": True}
-        if request.wants_usage_chunk():
-            kwargs["stream_options"] = {"include_usage": True}
+        kwargs = self._stream_kwargs(request, self._chat_kwargs(request))
 
         def convert(raw: Any) -> ChatCompletionChunk | None:
             choices = []
             for i, c in enumerate(_get(raw, "choices") or []):
                 delta = _get(c, "delta")
-                role, content = _get(delta, "role"), _get(delta, "content")
+                role, content, tool_calls = _get(delta, "role"), _get(delta, "content"), _chunk_tool_calls(_get(delta, "tool_calls"))
                 choices.append(
                     ChunkChoice(
                         index=int(_get(c, "index", i) or 0),
-                        delta=ChunkDelta(role="assistant" if role == "assistant" else None, content=content),
+                        delta=ChunkDelta(
+                            role="assistant" if role == "assistant" else None,
+                            # litellm puts "" beside tool-call fragments; OpenAI's deltas have null.
+                            content=None if tool_calls and not content else content,
+                            tool_calls=tool_calls,
+                        ),
                         finish_reason=_finish(_get(c, "finish_reason")),  # type: ignore[arg-type]
                     )
                 )
@@ -192,29 +268,38 @@ class LiteLLMBackend:
             created=int(_get(raw, "created") or time.time()),
             model=request.model,
             choices=[
-                CompletionChoice(index=i, text=_get(c, "text") or "", finish_reason=_finish(_get(c, "finish_reason")))  # type: ignore[arg-type]
+                CompletionChoice(
+                    index=int(_get(c, "index", i) or 0),
+                    text=_get(c, "text") or "",
+                    finish_reason=_finish(_get(c, "finish_reason")),  # type: ignore[arg-type]
+                )
                 for i, c in enumerate(_get(raw, "choices") or [])
             ],
             usage=_usage(_get(raw, "usage")),
         )
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
-        kwargs = {**self._completion_kwargs(request), "stream": True}
+        kwargs = self._stream_kwargs(request, self._completion_kwargs(request))
 
         def convert(raw: Any) -> Completion | None:
             choices = [
                 CompletionChoice(
-                    index=i,
+                    index=int(_get(c, "index", i) or 0),
                     # Text streams carry `text`; litellm's chat-backed ones may carry a delta.
                     text=_get(c, "text") or _get(_get(c, "delta"), "content") or "",
                     finish_reason=_finish(_get(c, "finish_reason")),  # type: ignore[arg-type]
                 )
                 for i, c in enumerate(_get(raw, "choices") or [])
             ]
-            if not choices:
+            usage = _usage(_get(raw, "usage")) if request.wants_usage_chunk() else None
+            if not choices and usage is None:
                 return None
             return Completion(
-                id=_get(raw, "id") or "cmpl-litellm", created=int(_get(raw, "created") or time.time()), model=request.model, choices=choices
+                id=_get(raw, "id") or "cmpl-litellm",
+                created=int(_get(raw, "created") or time.time()),
+                model=request.model,
+                choices=choices,
+                usage=usage,
             )
 
         return self._stream("atext_completion", kwargs, convert)
@@ -227,8 +312,6 @@ class LiteLLMBackend:
         for param in _UNFORWARDED:  # what this backend does not pass on or read back: refused, never dropped
             if getattr(request, param, None) not in (None, False):
                 raise InvalidRequest(f"{param} is not supported by backend {self.name!r} ({self.model})", param=param)
-        if isinstance(request, ChatCompletionRequest) and (tool_param := request.tool_calling_param()) is not None:
-            raise InvalidRequest(f"tool calling is not supported by backend {self.name!r} yet", param=tool_param)
         kwargs: dict[str, Any] = {
             "model": self.model,
             "timeout": self.total_timeout_s,
@@ -250,18 +333,40 @@ class LiteLLMBackend:
                 kwargs[field] = value
         if request.stop_list():
             kwargs["stop"] = request.stop_list()
+        if request.n is not None and request.n > 1:  # n=1 is the default: a provider without n still serves it
+            kwargs["n"] = request.n
         return kwargs
 
     def _chat_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
         kwargs = self._common(request)
-        # Providers know system, user and assistant; developer is OpenAI's new name for system.
-        kwargs["messages"] = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in request.messages
-        ]
+        kwargs["messages"] = [_message(m) for m in request.messages]
         if request.response_format is not None and request.response_format.type != "text":
             # json_object and json_schema as OpenAI spells them; litellm maps them per provider.
             kwargs["response_format"] = request.response_format.model_dump(exclude_none=True)
+        if request.tools:
+            for i, tool in enumerate(request.tools):
+                if tool.function.strict:  # litellm's translations (Anthropic's, ...) drop it: refused, not dropped
+                    raise InvalidRequest(
+                        f"strict function tools are not supported by backend {self.name!r} ({self.model})", param=f"tools.{i}.function.strict"
+                    )
+            # OpenAI's shapes; litellm maps them per provider (Anthropic's tool_choice "any",
+            # disable_parallel_tool_use). Without tools, tool_choice "auto" or "none" (the only
+            # ones valid then) and parallel_tool_calls mean nothing, and some providers refuse them.
+            kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in request.tools]
+            if request.tool_choice is not None:
+                choice = request.tool_choice
+                kwargs["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+            if request.parallel_tool_calls is not None:
+                kwargs["parallel_tool_calls"] = request.parallel_tool_calls
+        return kwargs
+
+    @staticmethod
+    def _stream_kwargs(request: ChatCompletionRequest | CompletionRequest, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` for a streamed call: usage in the last chunk when the client (or the gateway,
+        which settles token limits with it) asked for it."""
+        kwargs = {**kwargs, "stream": True}
+        if request.wants_usage_chunk():
+            kwargs["stream_options"] = {"include_usage": True}
         return kwargs
 
     def _completion_kwargs(self, request: CompletionRequest) -> dict[str, Any]:
@@ -292,7 +397,7 @@ class LiteLLMBackend:
         stream: Any = None
         try:
             try:
-                stream = await _before(first_deadline, getattr(_lib(), fn)(**kwargs))
+                stream = await _before(first_deadline, self._open_stream(fn, kwargs))
                 self._unreachable = False
             except Exception as exc:
                 raise self._error(exc, "first token") from exc
@@ -311,12 +416,31 @@ class LiteLLMBackend:
                     yield item
         finally:
             self._in_flight -= 1
-            close = getattr(stream, "aclose", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:  # closing a broken stream may fail again; nothing to do
-                    pass
+            await _close_all([stream] if stream is not None else [])
+
+    async def _open_stream(self, fn: str, kwargs: dict[str, Any]) -> Any:
+        """litellm's stream for `kwargs`; for n > 1, n one-choice streams merged into one
+        (`_MergedStreams`), the provider taking n or the same 400 as a non-streamed call."""
+        call = getattr(_lib(), fn)
+        n = kwargs.get("n", 1)
+        if n == 1:
+            return await call(**kwargs)
+        model, provider, *_ = _lib().get_llm_provider(
+            self.model, custom_llm_provider=self.litellm_kwargs.get("custom_llm_provider"), api_base=self.api_base
+        )
+        if "n" not in (_lib().get_supported_openai_params(model=model, custom_llm_provider=provider) or []):
+            raise InvalidRequest(f"backend {self.name!r}: {provider} does not support parameters: ['n'], for model={model}", param="n")
+        one = {key: value for key, value in kwargs.items() if key != "n"}
+        # One seed would sample n identical choices: choice i is sampled with seed + i.
+        calls = [asyncio.ensure_future(call(**{**one, **({"seed": one["seed"] + i} if "seed" in one else {})})) for i in range(n)]
+        try:
+            return _MergedStreams(list(await asyncio.gather(*calls)))
+        except BaseException:
+            for pending in calls:
+                pending.cancel()
+            opened = await asyncio.gather(*calls, return_exceptions=True)
+            await _close_all([s for s in opened if not isinstance(s, BaseException)])
+            raise
 
     def _error(self, exc: BaseException, phase: str = "total") -> BackendError:
         """Map a litellm exception (or one of our deadlines) to our errors.
@@ -335,8 +459,9 @@ class LiteLLMBackend:
         status = upstream_status or getattr(exc, "status_code", None)
         message = _provider_message(str(getattr(exc, "message", "") or exc))
         if isinstance(exc, ex.UnsupportedParamsError):  # raised before anything is sent
-            text = str(getattr(exc, "message", "") or exc).removeprefix("litellm.UnsupportedParamsError: ")
-            return InvalidRequest(f"backend {self.name!r}: {text.split('. To drop', 1)[0]}")
+            text = str(getattr(exc, "message", "") or exc).removeprefix("litellm.UnsupportedParamsError: ").split(". To drop", 1)[0]
+            named = _UNSUPPORTED.search(text)
+            return InvalidRequest(f"backend {self.name!r}: {text}", param=named.group(1) if named else None)
         if isinstance(exc, ex.ContextWindowExceededError):
             return ContextLengthExceeded(message, param="messages")
         if isinstance(exc, ex.APIConnectionError) or any(isinstance(c, (httpx.ConnectError, httpx.ConnectTimeout)) for c in chain):
@@ -354,6 +479,79 @@ class LiteLLMBackend:
         if status in OVERLOADED_STATUSES:
             message = f"provider {self.name!r} is throttling requests: {message}"
         return error_for_status(f"provider {self.name!r}", status, message, retry_after=_retry_after_of(exc))
+
+
+class _MergedStreams:
+    """n litellm streams of one choice each, as one stream of n choices: stream i's chunks
+    come as choice i, as they arrive, under the first chunk's id; their usage is summed into
+    one last chunk (the prompt was sent, and billed, n times). Closing it closes them all."""
+
+    def __init__(self, streams: list[Any]) -> None:
+        self._streams = streams
+        self._iterators = [stream.__aiter__() for stream in streams]
+        self._pending: dict[asyncio.Future[Any], int] = {}
+        self._ready: deque[Any] = deque()
+        self._usage: dict[int, Any] = {}
+        self._id: str | None = None
+        for index in range(len(streams)):
+            self._pull(index)
+
+    def _pull(self, index: int) -> None:
+        self._pending[asyncio.ensure_future(anext(self._iterators[index]))] = index
+
+    def __aiter__(self) -> _MergedStreams:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._ready:
+            if not self._pending:
+                if not self._usage:
+                    raise StopAsyncIteration
+                totals = {key: sum(int(_get(u, key, 0) or 0) for u in self._usage.values()) for key in ("prompt_tokens", "completion_tokens")}
+                self._usage = {}
+                return {"id": self._id, "choices": [], "usage": {**totals, "total_tokens": sum(totals.values())}}
+            done, _ = await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=self._pending.__getitem__):
+                index = self._pending.pop(task)
+                try:
+                    raw = task.result()
+                except StopAsyncIteration:
+                    continue
+                self._pull(index)
+                self._take(raw, index)
+        return self._ready.popleft()
+
+    def _take(self, raw: Any, index: int) -> None:
+        """Queue stream `index`'s chunk as choice `index`, keeping its usage for the sum."""
+        self._id = self._id or _get(raw, "id")
+        _set(raw, "id", self._id)
+        usage = _get(raw, "usage")
+        if usage is not None:
+            self._usage[index] = usage
+            _set(raw, "usage", None)
+        choices = _get(raw, "choices") or []
+        for choice in choices:
+            _set(choice, "index", index)
+        if choices:
+            self._ready.append(raw)
+
+    async def aclose(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        self._pending = {}
+        await _close_all(self._streams)
+
+
+async def _close_all(streams: list[Any]) -> None:
+    """Close litellm streams (and so their provider responses); a broken one may fail again."""
+    for stream in streams:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:  # nothing more to do with it
+                pass
 
 
 def _causes(exc: BaseException) -> list[BaseException]:

@@ -300,7 +300,7 @@ class RemoteBackend:
             text = False
             if choices and isinstance(choices, list) and isinstance(choices[0], dict):
                 delta = choices[0].get("delta")
-                text = bool(delta.get("content") if isinstance(delta, dict) else choices[0].get("text"))
+                text = bool(delta.get("content") or delta.get("tool_calls") if isinstance(delta, dict) else choices[0].get("text"))
             return RawChunk(
                 data,
                 usage=Usage.model_validate(usage) if isinstance(usage, dict) and usage else None,

@@ -144,11 +144,11 @@ class WorkerBackend:
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         stream = await self._open("chat", request)
-        return await responses.chat_completion(request, stream.prompt_tokens, stream)
+        return await responses.chat_completion(request, stream.prompt_tokens, stream, stream.tool_format)
 
     async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         stream = await self._open("chat", request)
-        async with aclosing(responses.chat_chunks(request, stream.prompt_tokens, stream)) as chunks:
+        async with aclosing(responses.chat_chunks(request, stream.prompt_tokens, stream, stream.tool_format)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

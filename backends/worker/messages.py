@@ -72,6 +72,7 @@ class Started(_Message):
     request_id: str
     prompt_tokens: int
     prompt_text: str = ""  # text completions' prompt, for `echo`
+    tool_format: str = ""  # the format tool calls are parsed from (backends.tools.formats), when tools were offered
 
 
 class Delta(_Message):

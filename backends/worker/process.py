@@ -33,6 +33,7 @@ from backends.protocol import (
     Overloaded,
     UpstreamError,
 )
+from backends.tools.formats import FORMATS, ToolFormat
 from backends.worker import messages as m
 
 log = logging.getLogger("turnout.worker")
@@ -75,18 +76,18 @@ def error_from(failed: m.Failed) -> BackendError:
 
 
 class RequestStream:
-    """One request's outputs: `started()` once, then GenerationDeltas until one carries a
-    finish reason. Deltas that queued up while the consumer was busy come out merged into
+    """One request's outputs: `started()` once, then GenerationDeltas until the final one. Deltas that queued up while the consumer was busy come out merged into
     one (as vLLM v1's output collector merges them): under load a slow SSE writer sends
     fewer, larger chunks instead of falling further behind. Closing it early (a client that
     left) aborts the request in the worker, which frees its KV blocks or llama.cpp instance."""
 
-    __slots__ = ("request_id", "prompt_tokens", "prompt_text", "finished", "_items", "_waiter", "_worker", "_on_end")
+    __slots__ = ("request_id", "prompt_tokens", "prompt_text", "tool_format", "finished", "_items", "_waiter", "_worker", "_on_end")
 
     def __init__(self, worker: WorkerProcess, request_id: str, on_end: Callable[[], None]) -> None:
         self.request_id = request_id
         self.prompt_tokens = 0
         self.prompt_text = ""
+        self.tool_format: ToolFormat | None = None
         self.finished = False
         self._items: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -112,6 +113,7 @@ class RequestStream:
         item = await self._next_item()
         if type(item) is m.Started:
             self.prompt_tokens, self.prompt_text = item.prompt_tokens, item.prompt_text
+            self.tool_format = FORMATS[item.tool_format] if item.tool_format else None
             return
         self._end()
         raise _as_error(item)
@@ -127,9 +129,10 @@ class RequestStream:
             self._end()
             raise _as_error(item)
         delta = item.delta
-        while not delta.finish_reason and self._items and type(self._items[0]) is m.Delta:
+        # Merged within one choice only, up to its finish.
+        while not delta.finish_reason and self._items and type(self._items[0]) is m.Delta and self._items[0].delta.index == delta.index:
             delta = _merged(delta, self._items.popleft().delta)
-        if delta.finish_reason:
+        if delta.final:
             self._end()
         return delta
 
@@ -147,7 +150,7 @@ class RequestStream:
 
 def _merged(first: GenerationDelta, then: GenerationDelta) -> GenerationDelta:
     logprobs = None if first.logprobs is None and then.logprobs is None else [*(first.logprobs or []), *(then.logprobs or [])]
-    return GenerationDelta(first.text + then.text, first.token_ids + then.token_ids, then.finish_reason, logprobs)
+    return GenerationDelta(first.text + then.text, first.token_ids + then.token_ids, then.finish_reason, logprobs, then.index, then.final)
 
 
 def _as_error(item: Any) -> BaseException:

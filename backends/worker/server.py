@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from backends.generation import GenerationDelta, GenerationRequest
-from backends.local import LocalBackend
+from backends.local import LocalBackend, Prepared
 from backends.protocol import BackendError, ChatCompletionRequest, CompletionRequest, Overloaded
 from backends.worker import messages as m
 
@@ -124,7 +124,7 @@ class WorkerServer:
             if rid in self._fresh:
                 self._fresh.discard(rid)
                 changed = True
-            if item.finish_reason:
+            if item.final:
                 self._in_engine.discard(rid)
                 changed = True
         if changed:
@@ -195,9 +195,11 @@ class WorkerServer:
         rid = submit.request_id
         direct = False
         try:
-            request, gen, prompt_text = await asyncio.to_thread(self._prepare, submit)
+            request, prepared = await asyncio.to_thread(self._prepare, submit)
+            gen = prepared.gen
             echo = isinstance(request, CompletionRequest) and bool(request.echo)
-            self.send(m.Started(rid, len(gen.prompt_tokens), prompt_text if echo else ""))
+            tools = prepared.tool_format.name if prepared.tool_format is not None else ""
+            self.send(m.Started(rid, len(gen.prompt_tokens), prepared.prompt_text if echo else "", tools))
             if self._direct is not None:
                 self._flush()  # Started leaves before the engine thread can send a token
                 gen.request_id = rid  # aborts name it so
@@ -227,7 +229,7 @@ class WorkerServer:
             if not direct:
                 self.send(self.load_message())  # rides with the last delta: fresh as the answer lands
 
-    def _prepare(self, submit: m.Submit) -> tuple[ChatCompletionRequest | CompletionRequest, GenerationRequest, str]:
+    def _prepare(self, submit: m.Submit) -> tuple[ChatCompletionRequest | CompletionRequest, Prepared]:
         """Validate, render, tokenize and check a request, in a thread: all of it grows with
         the request, and the loop meanwhile forwards other requests' deltas and aborts."""
         paused = len(submit.body) > LARGE_BODY_BYTES and gc.isenabled()
@@ -235,11 +237,11 @@ class WorkerServer:
             gc.disable()
         try:
             request = m.decode_request(submit.kind, submit.body)
-            gen, prompt_text = self.backend.prepare(submit.kind, request)
+            prepared = self.backend.prepare(submit.kind, request)
         finally:
             if paused:
                 gc.enable()
-        return request, gen, prompt_text
+        return request, prepared
 
 
 def _failed(rid: str, exc: BaseException, backend: str) -> m.Failed:

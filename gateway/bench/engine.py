@@ -9,6 +9,13 @@ Workloads: `fixed` (every request input-len prompt tokens, output-len generated 
 `sharegpt` (lengths drawn from log-normal distributions shaped like ShareGPT's, seeded).
 Every request ignores EOS and generates exactly its output length, greedy.
 
+`--json-schema` runs the workload a second time on the same engine with every request
+constrained to a small JSON Schema (JSON_SCHEMA), so that one run reports constrained against
+unconstrained output tok/s. A grammar ends at EOS once its object is complete, so ignore_eos
+cannot hold there: those requests get the same max_tokens and their tok/s counts the tokens
+actually generated. Their prompts differ from the first run's in the first token, so the
+prefix cache gives them nothing.
+
 The roofline: a decode step must read every weight once and the KV of every context token
 once; that many bytes over the device's measured copy bandwidth (bytes read + written by a
 large device-to-device copy) is the step's floor. Efficiency = floor / measured step time,
@@ -31,6 +38,15 @@ from typing import Any
 import numpy as np
 
 SHAPES = ("smollm2-135m", "llama3-1b", "llama3-8b", "tiny")  # tiny: CPU smoke runs
+
+# --json-schema's schema: a few unbounded fields, so that a random model's strings mostly run
+# to max_tokens, as the unconstrained requests do, and the batch stays comparable.
+JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "age", "city", "tags"],
+    "additionalProperties": False,
+}
 
 
 @dataclass
@@ -112,21 +128,34 @@ class EngineResult:
     decode_steps: int
     graph_steps: int
     decode_step_ms: dict[str, float]
-    decode_gpu_ms_mean: float  # CUDA-event time of the model call in decode steps
+    decode_gpu_ms_mean: float  # CUDA-event time of the model calls (forward pass, sampling) in decode steps
     decode_batch_mean: float
     roofline: dict[str, float]
     load_s: float
     profile: dict[str, Any] = field(default_factory=dict)
     async_scheduling: bool = False
+    finished_stop: int = 0  # requests that ended with "stop" (EOS: with a grammar, its object complete)
 
 
 def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[EngineResult, Any]:
     """Our engine over the workload; returns the result and the engine (for the peer's weights)."""
+    from backends.generation import GenerationRequest, SamplingParams
+
+    engine, load_s = build_engine(args)
+    reqs = [
+        GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        for i, (p, n) in enumerate(zip(work.prompts, work.output_lens))
+    ]
+    result, _ = time_requests(engine, args, reqs, work.prompt_tokens, bw, load_s, profile=True)
+    return result, engine
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
+    """The engine on dummy weights, warmed up; and its load time in seconds."""
     import torch
 
     from backends.generation import GenerationRequest, SamplingParams
     from backends.paged.engine import LLMEngine
-    from backends.paged.kv_cache import bytes_per_block
 
     cuda = args.device == "cuda"
     t0 = time.perf_counter()
@@ -152,29 +181,49 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
     warm_prompts = [[3 + (7 * i + 13 * j) % (cfg.vocab_size - 3) for j in range(40 + 9 * i)] for i in range(8)]
     warm = [GenerationRequest(f"warm{i}", p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)) for i, p in enumerate(warm_prompts)]
     engine.generate_sync(warm)
+    return engine, load_s
 
-    # CUDA events around the model call split GPU time from the step's host work.
-    run_model = engine._run_model
+
+def time_requests(
+    engine: Any, args: argparse.Namespace, reqs: list[Any], prompt_tokens: int, bw: float, load_s: float, *, profile: bool = False, keep_text: bool = False
+) -> tuple[EngineResult, dict[str, str]]:
+    """Run `reqs` to completion on a warmed-up engine, timed; the result and, with
+    `keep_text`, each request's text (for checking constrained outputs)."""
+    import torch
+
+    from backends.paged.kv_cache import bytes_per_block
+
+    cuda = args.device == "cuda"
+    cfg = engine.config
+    # CUDA events around the model calls (the forward pass, then the sampling, launched apart
+    # for grammar rows) split GPU time from the step's host work. The sampling's span includes
+    # any wait of the device for the grammar masks, filled on the host inside that call.
+    run_model, run_sampling = engine._run_model, engine._run_sampling
     events: list[tuple[Any, Any]] = []
 
-    def timed_run_model(inp: Any) -> Any:
+    def timed_run_model(plan: Any) -> Any:
         a, b = _Stamp(torch, cuda), _Stamp(torch, cuda)
         a.record()
-        out = run_model(inp)
+        out = run_model(plan)
         b.record()
         events.append((a, b))
         return out
 
-    engine._run_model = timed_run_model
+    def timed_run_sampling(launched: Any) -> None:
+        a, b = _Stamp(torch, cuda), _Stamp(torch, cuda)
+        a.record()
+        run_sampling(launched)
+        b.record()
+        events.append((a, b))
 
-    reqs = [
-        GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-        for i, (p, n) in enumerate(zip(work.prompts, work.output_lens))
-    ]
+    engine._run_model, engine._run_sampling = timed_run_model, timed_run_sampling
+
     first: dict[str, float] = {}
+    texts: dict[str, str] = {}
+    stopped = 0
     last: dict[str, float] = {}
     count: dict[str, int] = {}
-    steps: list[tuple[float, Any, Any]] = []  # (wall seconds, StepInfo, CUDA events)
+    steps: list[tuple[float, Any, list[Any]]] = []  # (wall seconds, StepInfo, the step's CUDA event pairs)
     usage_peak = 0.0
     prof_result: dict[str, Any] = {}
     preempt0 = engine.scheduler.num_preemptions
@@ -192,7 +241,7 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
         te = time.perf_counter()
         if len(events) > n_events:  # the step ran the model (an empty plan does not)
             info = engine.last_step
-            steps.append((te - ts, info, events[-1]))
+            steps.append((te - ts, info, events[n_events:]))
         usage_peak = max(usage_peak, engine.block_manager.usage())
         for o in outs:
             rid = o.request_id
@@ -200,10 +249,13 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
                 first[rid] = te
             last[rid] = te
             count[rid] = count.get(rid, 0) + len(o.delta.token_ids)
+            if keep_text:
+                texts[rid] = texts.get(rid, "") + o.delta.text
+            stopped += o.delta.finish_reason == "stop"
     duration = time.perf_counter() - t_start
-    engine._run_model = run_model
+    engine._run_model, engine._run_sampling = run_model, run_sampling
     graph_steps = engine.counters.graph_steps - graph0
-    if args.profile and cuda:
+    if profile and args.profile and cuda:
         # Outside the timed run: the profiler's start-up and trace processing take seconds.
         prof_result = profile_rerun(engine, torch, reqs, args.profile_after, args.profile_steps)
 
@@ -214,7 +266,7 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
     # Decode roofline over pure-decode steps: weights once + every context token's K and V.
     weight_bytes = engine.model.w.nbytes()
     kv_token_bytes = bytes_per_block(cfg, 1, engine.dtype)
-    dec = [(wall, info, a.elapsed_time(b)) for wall, info, (a, b) in steps if info.num_prefill_tokens == 0]
+    dec = [(wall, info, sum(a.elapsed_time(b) for a, b in pairs)) for wall, info, pairs in steps if info.num_prefill_tokens == 0]
     floor_s = sum((weight_bytes + info.context_tokens * kv_token_bytes) / bw for _, info, _ in dec) if bw else 0.0
     wall_s = sum(w for w, _, _ in dec)
     gpu_s = sum(g for _, _, g in dec) / 1e3
@@ -234,11 +286,11 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
         shape=args.shape,
         workload=args.workload,
         num_requests=len(reqs),
-        prompt_tokens=work.prompt_tokens,
+        prompt_tokens=prompt_tokens,
         output_tokens=produced,
         duration_s=duration,
         output_tok_s=produced / duration,
-        total_tok_s=(produced + work.prompt_tokens) / duration,
+        total_tok_s=(produced + prompt_tokens) / duration,
         ttft_ms=percentiles(ttft),
         tpot_ms=percentiles(tpot),
         kv_pool_blocks=bm.num_blocks,
@@ -255,8 +307,44 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
         load_s=load_s,
         profile=prof_result,
         async_scheduling=engine.async_scheduling,
+        finished_stop=stopped,
     )
-    return result, engine
+    return result, texts
+
+
+def run_json_schema(engine: Any, args: argparse.Namespace, work: Workload, bw: float) -> dict[str, Any]:
+    """The workload again, every request constrained to JSON_SCHEMA (see the module docstring):
+    the timed result, how many outputs ended complete, and of those how many parse and validate."""
+    from backends.generation import GenerationRequest, SamplingParams
+    from backends.grammar import json_schema_grammar
+
+    grammar = json_schema_grammar(JSON_SCHEMA)
+    t0 = time.perf_counter()
+    compiled = engine.tokenizer.grammar_compiler(engine.config.vocab_size).compile(grammar, what="--json-schema", param="schema")
+    compile_s = time.perf_counter() - t0
+    vocab = engine.config.vocab_size
+
+    def request(rid: str, prompt: list[int], max_tokens: int) -> GenerationRequest:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, grammar=grammar)
+        return GenerationRequest(rid, prompt, params, constraint=compiled.copy())
+
+    # Warm-up: the mask's buffers and kernels.
+    engine.generate_sync([request(f"jwarm{i}", [3 + (11 * i + 5 * j) % (vocab - 3) for j in range(24)], 8) for i in range(4)])
+    # First token moved: every block's chain digest differs from the first run's.
+    reqs = [request(f"j{i}", [3 + (p[0] - 2) % (vocab - 3), *p[1:]], n) for i, (p, n) in enumerate(zip(work.prompts, work.output_lens))]
+    result, texts = time_requests(engine, args, reqs, work.prompt_tokens, bw, 0.0, keep_text=True)
+    return {**asdict(result), "compile_s": compile_s, "valid_json": sum(_valid(t) for t in texts.values())}
+
+
+def _valid(text: str) -> bool:
+    """Whether text is JSON that validates against JSON_SCHEMA."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), JSON_SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def _sync(torch: Any, cuda: bool) -> None:
@@ -321,7 +409,7 @@ def profile_rerun(engine: Any, torch: Any, reqs: list[Any], after: int, n: int) 
     stats = pstats.Stats(host).stats  # type: ignore[attr-defined]
     host_top = sorted(((v[2], k) for k, v in stats.items()), reverse=True)[:12]
     batch = engine.last_step.num_decodes if engine.last_step else 0
-    for rid in list(engine.seqs):
+    for rid in list(engine.requests):
         engine.abort(rid)
     kernels = []
     total_us = 0.0
@@ -417,6 +505,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--sync-scheduling", action="store_true", help="no async scheduling (host work not overlapped with the GPU)")
+    p.add_argument("--json-schema", action="store_true", help="also run the workload constrained to a small JSON Schema (JSON_SCHEMA)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-attn", default="sdpa", help="attn_implementation for the transformers peer")
     p.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")
@@ -442,6 +531,11 @@ def print_table(report: dict[str, Any]) -> None:
         ("decode step (wall / GPU)", f"{e['decode_step_ms'].get('mean', 0):.2f} / {e['decode_gpu_ms_mean']:.2f} ms at batch {e['decode_batch_mean']:.0f}, {e['graph_steps']} graph steps"),
         ("decode roofline", f"floor {rf['floor_ms_per_step']:.2f} ms/step at {rf['copy_bandwidth_gb_s']:.0f} GB/s; {100 * rf['efficiency']:.0f} % of it (GPU time: {100 * rf['efficiency_gpu_time']:.0f} %)"),
     ]
+    js = report.get("engine_json_schema")
+    if js:
+        rows.append(("output tok/s, JSON schema", f"{js['output_tok_s']:,.0f} ({js['output_tok_s'] / e['output_tok_s']:.2f}x; {js['output_tokens']} tok, "
+                     f"{js['finished_stop']}/{js['num_requests']} complete, {js['valid_json']} valid)"))  # fmt: skip
+        rows.append(("decode step, JSON schema", f"{js['decode_step_ms'].get('mean', 0):.2f} / {js['decode_gpu_ms_mean']:.2f} ms at batch {js['decode_batch_mean']:.0f}"))
     if e.get("profile"):
         pr = e["profile"]
         rows.append(("profile (decode)", f"wall {pr['wall_ms_per_step_unprofiled']:.2f} ms/step, GPU kernels {pr['gpu_kernel_ms_per_step']:.2f} ms/step at batch {pr['batch']}"))
@@ -482,6 +576,8 @@ def run(args: argparse.Namespace) -> int:
         "args": vars(args),
         "engine": asdict(result),
     }
+    if args.json_schema:  # before the peer, which takes the engine's weights
+        report["engine_json_schema"] = run_json_schema(engine, args, work, bw)
     if not args.no_transformers and args.device == "cuda":
         try:
             report["transformers"] = run_transformers(engine, work, args)

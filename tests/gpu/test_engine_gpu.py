@@ -72,15 +72,15 @@ def test_bf16_logits_close_to_transformers_and_pool_sized_by_profiling(monkeypat
     recorded: list[tuple[list[str], torch.Tensor]] = []
     real_sample_batch = runner_module.sample_batch
 
-    def recording_sample_batch(logits: torch.Tensor, states: list) -> list:
-        results = real_sample_batch(logits, states)
+    def recording_sample_batch(logits: torch.Tensor, states: list, allowed: torch.Tensor | None = None) -> list:
+        results = real_sample_batch(logits, states, allowed)
         recorded.append(([s.request_id for s in states], logits.float().cpu()))
         return results
 
     real_sample_tokens_device = runner_module.sample_tokens_device
 
-    def recording_sample_tokens_device(logits: torch.Tensor, states: list) -> torch.Tensor | None:
-        tokens = real_sample_tokens_device(logits, states)
+    def recording_sample_tokens_device(logits: torch.Tensor, states: list, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        tokens = real_sample_tokens_device(logits, states, allowed)
         if tokens is not None:  # otherwise the runner calls sample_batch at collect
             recorded.append(([s.request_id for s in states], logits.float().cpu()))
         return tokens
@@ -92,7 +92,7 @@ def test_bf16_logits_close_to_transformers_and_pool_sized_by_profiling(monkeypat
 
     def add(req: GenerationRequest) -> None:
         real_add(req)
-        engine.seqs[req.request_id].sampler.request_id = req.request_id
+        engine.requests[req.request_id].seqs[0].sampler.request_id = req.request_id
 
     engine.add_request = add  # type: ignore[method-assign]
     ps = prompts(6, engine.config.vocab_size, 20, 300, seed=1)
@@ -119,3 +119,93 @@ def test_bf16_logits_close_to_transformers_and_pool_sized_by_profiling(monkeypat
     print("bf16 relative logit errors", [f"{e:.2e}" for e in errs], "top-1 agreement", agree / total_rows)
     assert max(errs) < 5e-2, errs
     assert agree / total_rows >= 0.75
+
+
+# Every field bounded, so that even a random model finishes the object within max_tokens.
+BOUNDED = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 999}, "s": {"type": "string", "maxLength": 8}},
+    "required": ["ok", "n", "s"],
+    "additionalProperties": False,
+}
+
+
+def test_constrained_rows_and_n_choices_on_the_gpu_path() -> None:
+    """Grammar masks through the pinned buffer and unpacked on the device, with CUDA graphs and
+    async scheduling: the unconstrained rows' tokens are those of a run without the constrained
+    requests; constrained choices (n = 2, sharing their prompt's blocks) are valid JSON and, greedy,
+    equal each other."""
+    import json
+
+    import jsonschema
+
+    from backends.grammar import json_schema_grammar
+
+    engine = LLMEngine.from_model(
+        "dummy:smollm2-135m", device="cuda", dtype="float32", num_blocks=256, block_size=16,
+        max_num_seqs=16, max_num_batched_tokens=256, max_model_len=512,
+    )  # fmt: skip
+    assert engine.async_scheduling and engine.graphs is not None
+    vocab = engine.config.vocab_size
+    ps = prompts(6, vocab, 10, 60, seed=2)
+    plain = [greedy(i, p, 40) for i, p in enumerate(ps[:4])]
+    alone = engine.generate_sync(plain)
+    grammar = json_schema_grammar(BOUNDED)
+    compiled = engine.tokenizer.grammar_compiler(vocab).compile(grammar, what="test", param="x")
+    cons = [
+        GenerationRequest(f"c{i}", p, SamplingParams(max_tokens=120, temperature=0.0, n=2, grammar=grammar), constraint=compiled.copy())
+        for i, p in enumerate(ps[4:])
+    ]
+    graph0 = engine.counters.graph_steps
+    mixed = engine.generate_choices([*plain[:2], *cons, *plain[2:]])
+    assert engine.counters.graph_steps > graph0
+    assert {r.request_id: mixed[r.request_id][0] for r in plain} == alone
+    for r in cons:
+        first, second = mixed[r.request_id]
+        assert first == second and first[-1] == 2  # greedy choices agree; ended on EOS
+        jsonschema.validate(json.loads(engine.tokenizer.decode(first)), BOUNDED)
+    assert engine.scheduler.num_grammar_rejections == 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_constrained_steps_stay_in_flight_and_equal_sync_on_the_gpu_path() -> None:
+    """Async scheduling with grammar rows: each step's forward pass is launched before the last
+    step is collected and its masks filled after, and the step stays in flight; the tokens equal
+    those of synchronous scheduling (fp32, greedy, CUDA graphs)."""
+    import json
+
+    import jsonschema
+
+    from backends.grammar import json_schema_grammar
+
+    grammar = json_schema_grammar(BOUNDED)
+    results, in_flight = {}, {}
+    for asy in (False, True):
+        engine = LLMEngine.from_model(
+            "dummy:smollm2-135m", device="cuda", dtype="float32", num_blocks=256, block_size=16,
+            max_num_seqs=16, max_num_batched_tokens=256, max_model_len=512, async_scheduling=asy,
+        )  # fmt: skip
+        vocab = engine.config.vocab_size
+        compiled = engine.tokenizer.grammar_compiler(vocab).compile(grammar, what="test", param="x")
+        ps = prompts(8, vocab, 10, 60, seed=3)
+        reqs = [
+            GenerationRequest(f"c{i}", p, SamplingParams(max_tokens=120, temperature=0.0, grammar=grammar), constraint=compiled.copy())
+            for i, p in enumerate(ps[:6])
+        ]
+        reqs += [greedy(6 + i, p, 50) for i, p in enumerate(ps[6:])]
+        for r in reqs:
+            engine.add_request(r)
+        out: dict[str, list[int]] = {}
+        in_flight[asy] = 0
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.delta.token_ids)
+            in_flight[asy] += engine._inflight is not None and engine._inflight.constrained
+        assert engine.counters.graph_steps > 0 and engine.scheduler.num_grammar_rejections == 0
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        for i in range(6):
+            assert out[f"c{i}"][-1] == 2
+            jsonschema.validate(json.loads(engine.tokenizer.decode(out[f"c{i}"])), BOUNDED)
+        results[asy] = out
+    assert in_flight[False] == 0 and in_flight[True] > 10
+    assert results[True] == results[False]

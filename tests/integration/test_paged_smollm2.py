@@ -176,3 +176,49 @@ async def test_backend_chat_answers(model_path: str) -> None:
         assert backend.load().kv_usage == 0.0 and backend.load().healthy
     finally:
         await backend.close()
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_backend_chat_with_a_json_schema_returns_valid_json(model_path: str, n: int) -> None:
+    """Grammar-constrained decoding on the real vocabulary (llguidance over the GGUF's BPE),
+    greedy and seeded choices alike, the prompt's KV shared by the choices."""
+    import json
+
+    import jsonschema
+
+    from backends.paged.backend import PagedBackend
+    from backends.protocol import ChatCompletionRequest
+
+    backend = PagedBackend(name="paged", model=model_path, kv_cache_gib=0.1)
+    await backend.start()
+    try:
+        req = ChatCompletionRequest.model_validate(
+            {
+                "model": "smollm2-135m",
+                "messages": [{"role": "user", "content": "Invent a person, as JSON."}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+                "max_tokens": 80,
+                "temperature": 0.0 if n == 1 else 0.8,
+                "seed": 3,
+                "n": n,
+            }
+        )
+        reply = await backend.chat(req)
+        assert [c.index for c in reply.choices] == list(range(n))
+        for choice in reply.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), PERSON)
+        assert backend.engine.scheduler.num_grammar_rejections == 0
+        from tests.unit.paged.conftest import assert_blocks_all_free
+
+        assert_blocks_all_free(backend.engine)
+    finally:
+        await backend.close()

@@ -34,3 +34,17 @@ def test_bench_engine_smoke_run_on_cpu(tmp_path, capsys) -> None:
     assert e["decode_steps"] > 0 and e["decode_batch_mean"] <= 4
     assert "transformers" not in report  # no peer on the CPU
     assert "output tok/s" in capsys.readouterr().out
+
+
+def test_bench_engine_json_schema_run_on_cpu(tmp_path, capsys) -> None:
+    """--json-schema: the same workload constrained, reported beside the unconstrained run."""
+    out = tmp_path / "bench.json"
+    rc = main(["--shape", "tiny", "--device", "cpu", "--num-requests", "6", "--input-len", "20",
+               "--output-len", "40", "--max-num-seqs", "4", "--json-schema", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    e, js = report["engine"], report["engine_json_schema"]
+    assert e["output_tokens"] == 6 * 40 and js["num_requests"] == 6 and js["prompt_tokens"] == e["prompt_tokens"]
+    assert 6 <= js["output_tokens"] <= 6 * 40 and js["output_tok_s"] > 0
+    assert js["valid_json"] == js["finished_stop"]  # every complete output parses and validates
+    assert "output tok/s, JSON schema" in capsys.readouterr().out

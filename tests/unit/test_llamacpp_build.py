@@ -167,13 +167,14 @@ def fake_variants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     return cv.cpu_variants(tmp_path)
 
 
-def test_amx_variants_are_barred_without_the_grant(fake_variants: dict[str, Path]) -> None:
+def test_amx_variants_are_never_chosen_by_themselves(fake_variants: dict[str, Path]) -> None:
     assert cv.choose_variant(fake_variants, amx_granted=False) == "haswell"
-    assert cv.choose_variant(fake_variants, amx_granted=True) == "graniterapids"  # the control
+    assert cv.choose_variant(fake_variants, amx_granted=True) == "haswell"  # granted, still left out
 
 
 def test_forced_variant(fake_variants: dict[str, Path]) -> None:
     assert cv.choose_variant(fake_variants, amx_granted=False, forced="x64") == "x64"
+    assert cv.choose_variant(fake_variants, amx_granted=True, forced="graniterapids") == "graniterapids"
     with pytest.raises(RuntimeError, match="does not grant AMX"):
         cv.choose_variant(fake_variants, amx_granted=False, forced="sapphirerapids")
     with pytest.raises(RuntimeError, match="no such variant"):
@@ -210,13 +211,14 @@ def test_monolithic_build_is_left_alone(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 @x86_linux_only
-def test_real_amx_variant_is_barred_without_the_grant(variants: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_amx_variant_is_only_run_when_named(variants: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     # The installed modules, scored as on a CPU whose CPUID offers AMX (the issue-12 VM).
     real_score = cv.variant_score
     monkeypatch.setattr(cv, "variant_score", lambda path: 1 << 20 if "sapphirerapids" in path.name else real_score(path))
-    chosen = cv.choose_variant(variants, amx_granted=False)
-    assert chosen != "sapphirerapids" and real_score(variants[chosen]) > 0
-    assert cv.choose_variant(variants, amx_granted=True) == "sapphirerapids"  # the control
+    for granted in (False, True):
+        chosen = cv.choose_variant(variants, amx_granted=granted)
+        assert chosen != "sapphirerapids" and real_score(variants[chosen]) > 0
+    assert cv.choose_variant(variants, amx_granted=True, forced="sapphirerapids") == "sapphirerapids"  # the control
 
 
 @x86_linux_only

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from backends.generation import GenerationDelta, GenerationRequest
+from backends.grammar import GrammarCompiler
 from backends.local import LocalBackend
 from backends.protocol import ChatCompletionRequest, CompletionRequest, ContextLengthExceeded, InvalidRequest, LoadReport
 from backends.worker.messages import decode_request
@@ -244,6 +245,9 @@ class NoTokenizer(LocalBackend):
 
     def load(self) -> LoadReport:
         return LoadReport()
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        raise AssertionError("compiled a grammar")
 
 
 def test_a_prompt_too_long_by_its_length_alone_is_refused_before_tokenizing() -> None:

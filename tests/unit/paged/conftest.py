@@ -16,7 +16,7 @@ def assert_blocks_all_free(engine: LLMEngine) -> None:
     bm = engine.block_manager
     bm.check_invariants()
     assert not engine.scheduler.running and not engine.scheduler.waiting, "requests left in the scheduler"
-    assert not engine.seqs, f"requests left in the engine: {list(engine.seqs)}"
+    assert not engine.requests, f"requests left in the engine: {list(engine.requests)}"
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} blocks still referenced"
 
 

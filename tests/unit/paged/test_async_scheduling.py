@@ -122,7 +122,7 @@ def test_async_abort_with_a_step_in_flight(make_engine) -> None:
     for _ in range(3):
         engine.step()
     assert engine._inflight is not None
-    held = len(engine.seqs["drop"].block_table)
+    held = len(engine.requests["drop"].seqs[0].block_table)
     free_before = engine.block_manager.num_free_blocks
     assert engine.abort("drop")
     assert engine.block_manager.num_free_blocks == free_before + held

@@ -160,7 +160,7 @@ def test_abort_mid_generation_frees_blocks_at_once(make_engine) -> None:
     engine.add_request(greedy("drop", ps[1], 50))
     for _ in range(3):
         engine.step()
-    held = len(engine.seqs["drop"].block_table)
+    held = len(engine.requests["drop"].seqs[0].block_table)
     free_before = engine.block_manager.num_free_blocks
     assert held > 0
     assert engine.abort("drop")
@@ -190,8 +190,12 @@ def test_validation(make_engine) -> None:
     assert engine.max_model_len == 32
     with pytest.raises(ContextLengthExceeded):
         engine.add_request(greedy("long", [1] * 30, 5))
-    with pytest.raises(InvalidRequest):
-        engine.add_request(GenerationRequest("j", [1, 2], SamplingParams(max_tokens=2, json_mode=True)))
+    with pytest.raises(InvalidRequest, match="not compiled") as caught:  # a grammar is never dropped
+        engine.add_request(GenerationRequest("j", [1, 2], SamplingParams(max_tokens=2, grammar="start: /a/")))
+    assert caught.value.param == "response_format"
+    with pytest.raises(InvalidRequest) as caught:
+        engine.add_request(GenerationRequest("n", [1, 2], SamplingParams(max_tokens=2, n=0)))
+    assert caught.value.param == "n"
     with pytest.raises(InvalidRequest):
         engine.add_request(greedy("v", [1, 99999], 2))
     with pytest.raises(ValueError, match="unknown paged backend option"):

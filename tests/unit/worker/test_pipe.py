@@ -67,13 +67,31 @@ async def test_queued_deltas_merge_and_the_stream_ends_once() -> None:
     first = await anext(stream)
     assert (first.text, first.token_ids, first.finish_reason) == ("abc", [0, 1, 2], None)
     stream.put(m.Delta("r", GenerationDelta("d", [3])))
-    stream.put(m.Delta("r", GenerationDelta("", [], "stop")))
+    stream.put(m.Delta("r", GenerationDelta("", [], "stop", final=True)))
     last = await anext(stream)
     assert (last.text, last.finish_reason) == ("d", "stop")
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
     await stream.aclose()
     assert ended == [1] and worker.forgotten == ["r"] and worker.aborted == []  # finished: nothing to abort
+
+
+async def test_choices_merge_apart_and_the_stream_ends_at_the_final_delta() -> None:
+    worker = FakeWorker()
+    stream = RequestStream(worker, "r", lambda: None)  # type: ignore[arg-type]
+    stream.put(m.Started("r", 3, tool_format="hermes"))
+    await stream.started()
+    assert stream.tool_format is not None and stream.tool_format.name == "hermes"
+    for delta in (
+        GenerationDelta("a", [1], index=0),
+        GenerationDelta("b", [2], index=0),
+        GenerationDelta("x", [3], index=1),
+        GenerationDelta("", [], "stop", index=0),  # choice 0 ends: the request goes on
+        GenerationDelta("y", [4], "length", index=1, final=True),
+    ):
+        stream.put(m.Delta("r", delta))
+    got = [(d.index, d.text, d.finish_reason) async for d in stream]
+    assert got == [(0, "ab", None), (1, "x", None), (0, "", "stop"), (1, "y", "length")]
 
 
 async def test_an_error_after_deltas_is_not_swallowed_by_merging() -> None:
