@@ -17,6 +17,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from backends import embeddings as emb
 from backends import grammar as grammar_text
 from backends import responses
 from backends.chat_template import render_chat
@@ -29,6 +32,8 @@ from backends.protocol import (
     Completion,
     CompletionRequest,
     ContextLengthExceeded,
+    EmbeddingRequest,
+    EmbeddingResponse,
     InvalidRequest,
     LoadReport,
     ModelCard,
@@ -57,6 +62,11 @@ class LocalBackend(abc.ABC):
     # knows it: a prompt whose length alone shows that it cannot fit is then refused before
     # it is tokenized (a guessed bytes-per-token ratio would refuse some prompts that fit).
     max_token_bytes: int | None = None
+    # "generate": chat, completions and embeddings of the same model; "embed": an embedding
+    # model, which serves embeddings only (policies.schema.BackendConfig.task).
+    task: str = "generate"
+    # Whether the model was Matryoshka-trained (the `matryoshka` option: see embeddings.check_dimensions).
+    matryoshka: bool | list[int] = False
 
     # -- what a subclass provides ---------------------------------------------------
 
@@ -84,6 +94,16 @@ class LocalBackend(abc.ABC):
 
     @abc.abstractmethod
     def load(self) -> LoadReport: ...
+
+    @property
+    def embedding_size(self) -> int:
+        """The length of the model's embedding vectors (its hidden size)."""
+        raise InvalidRequest(f"backend {self.name!r} does not serve embeddings", param="model")
+
+    async def embed_tokens(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        """The pooled (not yet normalised) vector of each input, in order. Cancelling the call
+        must stop the work and free what it holds."""
+        raise InvalidRequest(f"backend {self.name!r} does not serve embeddings", param="model")
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model."""
@@ -124,6 +144,38 @@ class LocalBackend(abc.ABC):
             async for chunk in chunks:
                 yield chunk
 
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """`POST /v1/embeddings`: inputs tokenized and checked in a thread, pooled by the
+        engine, then normalised (and cut to `dimensions`) here."""
+        inputs = await asyncio.to_thread(self.prepare_embeddings, request)
+        vectors = self.finish_embeddings(request, await self.embed_tokens(inputs))
+        return emb.build_response(request.model, vectors, sum(map(len, inputs)), request.encoding_format)
+
+    def prepare_embeddings(self, request: EmbeddingRequest) -> list[list[int]]:
+        """Each input's tokens, checked: `dimensions` against the model, every input against
+        the context window (cut with `truncate`, else a 400 naming it) and the vocabulary.
+        CPU work proportional to the request: run in a thread."""
+        emb.check_dimensions(request.dimensions, self.embedding_size, self.matryoshka, self.model_id)
+        tokenized = [self.tokenize(item) if isinstance(item, str) else list(item) for item in request.inputs()]
+        for index, tokens in enumerate(tokenized):
+            if not tokens:
+                raise InvalidRequest("the input is empty", param=emb.input_param(request, index))
+        self.check_embedding_tokens(request, tokenized)
+        return emb.fit_to_window(request, tokenized, self.context_window)
+
+    def check_embedding_tokens(self, request: EmbeddingRequest, tokenized: list[list[int]]) -> None:  # noqa: B027 - optional hook
+        """A 400 for token ids the model cannot take (a subclass that knows its vocabulary)."""
+
+    def finish_embeddings(self, request: EmbeddingRequest, pooled: list[np.ndarray]) -> list[np.ndarray]:
+        """The vectors as the client gets them: normalised, cut to `dimensions`."""
+        dims = emb.check_dimensions(request.dimensions, self.embedding_size, self.matryoshka, self.model_id)
+        return [emb.finish_vector(v, dims) for v in pooled]
+
+    def refuse_generation(self) -> None:
+        """A 400 for chat and completions when this backend serves an embedding model."""
+        if self.task == "embed":
+            raise InvalidRequest(emb.embedding_only_message(self.model_id), param="model")
+
     # -- shared steps -------------------------------------------------------------------
 
     def prepare(self, kind: str, request: ChatCompletionRequest | CompletionRequest) -> Prepared:
@@ -131,6 +183,7 @@ class LocalBackend(abc.ABC):
         proportional to the request: callers run it in a thread, off any event loop. Raises
         InvalidRequest (400) for what the model cannot take; a prompt that cannot fit by its
         length alone is refused before it is tokenized (check_length_estimate)."""
+        self.refuse_generation()
         if kind == "chat":
             assert isinstance(request, ChatCompletionRequest)
             template, bos, eos = self.chat_template()

@@ -7,9 +7,9 @@ llama_cpp, torch or an HTTP client."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class BackendOptions(BaseModel):
@@ -30,6 +30,25 @@ class BackendOptions(BaseModel):
             return cls.model_validate(dict(options))
         except ValidationError as exc:
             raise ValueError(describe(exc, cls)) from None
+
+
+class EmbeddingOptions(BaseModel):
+    """The options of a local backend that embeds (`POST /v1/embeddings`), mixed into the
+    llamacpp and paged option models."""
+
+    # mean | last | cls; None: the GGUF's own pooling type where it states one, else "last"
+    # (backends.embeddings.DEFAULT_POOLING, the same in both engines).
+    pooling: Literal["mean", "last", "cls"] | None = None
+    # Whether the model was Matryoshka-trained, so `dimensions` may cut its vectors: true for
+    # any size up to the native one, or the list of sizes it was trained for.
+    matryoshka: bool | list[Annotated[int, Field(ge=1)]] = False
+
+    @field_validator("matryoshka")
+    @classmethod
+    def _some_sizes(cls, value: bool | list[int]) -> bool | list[int]:
+        if isinstance(value, list) and not value:
+            raise ValueError("list at least one size, or write true for any size")
+        return value
 
 
 def describe(exc: ValidationError, model: type[BackendOptions]) -> str:

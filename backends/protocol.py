@@ -307,6 +307,10 @@ class _SamplingFields(_Request):
     def wants_usage_chunk(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def choices(self) -> int:
+        """How many answers the request asks for (`n`)."""
+        return self.n or 1
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -374,6 +378,55 @@ class CompletionRequest(_SamplingFields):
 
     def output_limit(self) -> int | None:
         return self.max_tokens
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound on the inputs of one request
+_EmbeddingText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
+_EmbeddingTokens = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class EmbeddingRequest(_Request):
+    """`POST /v1/embeddings`: one input or a batch, as text or token ids. Nothing may be
+    empty; the text batch comes before the token forms in the union so that an empty item of
+    a text batch is reported by its index (`input.1`)."""
+
+    model: Text = Field(min_length=1)
+    input: (
+        _EmbeddingText
+        | Annotated[list[_EmbeddingText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | _EmbeddingTokens
+        | Annotated[list[_EmbeddingTokens], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: Text | None = None
+    # Ollama's /api/embed: how long a local model stays loaded after this request.
+    keep_alive: float | Text | None = None
+    # Ollama's `truncate` (default true there): cut an input at the context window rather
+    # than refuse it. OpenAI has no such field: over the window is a 400.
+    truncate: bool | None = None
+
+    @model_validator(mode="after")
+    def _keep_alive(self) -> EmbeddingRequest:
+        if self.keep_alive is not None:
+            parse_keep_alive(self.keep_alive)
+        return self
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs, one per embedding: texts or token-id lists."""
+        given = self.input
+        if isinstance(given, str):
+            return [given]
+        if isinstance(given[0], (str, list)):
+            return list(given)  # type: ignore[arg-type]
+        return [given]  # type: ignore[list-item]
+
+    def output_limit(self) -> int | None:
+        """Embeddings generate nothing (rate limits count their input only)."""
+        return 0
+
+    def choices(self) -> int:
+        return 1
 
 
 # ---------------------------------------------------------------------------
@@ -535,6 +588,24 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Embedding(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32s (encoding_format base64)
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 # ---------------------------------------------------------------------------
@@ -730,6 +801,15 @@ class Passthrough(Protocol):
     def chat_stream_raw(self, request: ChatCompletionRequest, body: bytes) -> AsyncIterator[RawChunk]: ...
 
     def completion_stream_raw(self, request: CompletionRequest, body: bytes) -> AsyncIterator[RawChunk]: ...
+
+
+@runtime_checkable
+class Embeds(Protocol):
+    """A backend that turns inputs into embedding vectors (`POST /v1/embeddings`): the local
+    engines (pooling over the model's last hidden states) and remote servers (passthrough).
+    The backend honours `encoding_format` and `dimensions`, or refuses them with a 400."""
+
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse: ...
 
 
 @runtime_checkable

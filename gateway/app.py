@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from opentelemetry.trace import TracerProvider
 
 from gateway.auth import AuthMiddleware
+from gateway.dialects import anthropic, ollama, responses
 from gateway.errors import install_error_handlers
 from gateway.fastpath import DirectRoutes
 from gateway.metrics import GatewayMetrics, build_metrics_registry
@@ -70,6 +71,8 @@ def create_app(
     app.state.metrics = prometheus
     app.state.load_collector = load_collector
     app.include_router(router)
+    for dialect in (anthropic, ollama, responses):  # documented in docs/api.md; the schema is OpenAI's API
+        app.include_router(dialect.router, include_in_schema=False)
     install_error_handlers(app)
     # Innermost of the app's middlewares: the generation routes without FastAPI's routing
     # layer. The handlers dict is the app's own, read when the stack is built (first request).

@@ -1,8 +1,10 @@
 """Authentication on /v1/*, and the per-request admission that routes call (model
 permission, then the rate-limit decision).
 
-The key comes in `Authorization: Bearer sk-turnout-...` or, as Azure-style clients send
-it, `api-key: sk-turnout-...`. It is hashed and looked up in the key store:
+Authentication covers /v1/* and Ollama's /api/* (less /api/pull and /api/version: the
+first takes the admin key, the second is public, as in Ollama). The key comes in
+`Authorization: Bearer sk-turnout-...`, or as Azure-style clients send it,
+`api-key: sk-turnout-...`, or as Anthropic's clients send it, `x-api-key: sk-turnout-...`. It is hashed and looked up in the key store:
 - file store: a dict lookup after one stat() of the file (reloaded when it changes);
 - Redis store: the record is cached for RECORD_TTL_S (its fields never change), but its
   `revoked` flag is read by the rate-limit script in the same round trip as the limit
@@ -23,8 +25,8 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backends.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from gateway.errors import api_error_response
+from backends.protocol import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.errors import api_error_response, dialect_of
 from gateway.keys import FileKeyStore, KeyRecord, RedisKeyStore, hash_secret
 from gateway.ratelimit import (
     NO_RESERVATION,
@@ -133,7 +135,7 @@ class Authenticator:
         if not secret:
             raise AuthError(
                 "You didn't provide an API key. You need to provide your API key in an Authorization "
-                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or in an api-key header."
+                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or in an x-api-key or api-key header."
             )
         digest = hash_secret(secret)
         record = await self._lookup(digest)
@@ -180,7 +182,7 @@ def _secret(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-        elif name == b"api-key":
+        elif name in (b"api-key", b"x-api-key"):
             api_key = value.decode("latin-1").strip()
     return api_key
 
@@ -190,6 +192,13 @@ def _redact(secret: str) -> str:
 
 
 # -- the ASGI middleware ------------------------------------------------------------------------
+
+_UNAUTHENTICATED = ("/api/version", "/api/pull")  # public, and admin-key only (gateway.dialects.ollama)
+
+
+def _authenticated_path(path: str) -> bool:
+    return path.startswith("/v1/") or (path.startswith("/api/") and path not in _UNAUTHENTICATED)
+
 
 
 class AuthMiddleware:
@@ -204,7 +213,7 @@ class AuthMiddleware:
         self.current = current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not _authenticated_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         snapshot = self.current()
@@ -218,7 +227,7 @@ class AuthMiddleware:
             state["principal"] = await snapshot.authenticator.authenticate(scope["headers"])
             state["auth_span_ns"] = (started, time.time_ns())  # for the request's trace
         except (AuthError, LimiterUnavailable) as exc:
-            await api_error_response(exc)(scope, receive, send)
+            await api_error_response(exc, dialect_of(scope["path"]))(scope, receive, send)
             return
 
         async def send_with_limits(message: Message) -> None:
@@ -235,7 +244,7 @@ class AuthMiddleware:
 
 
 async def rate_limit(
-    request: Request, body: ChatCompletionRequest | CompletionRequest | None, prompt_estimate: int = 0
+    request: Request, body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | None, prompt_estimate: int = 0
 ) -> TokenReservation | NoReservation:
     """Take the request and its tokens (`prompt_estimate` plus its output limit) from the
     caller's limits, in the request's policy snapshot. `body=None`: a request that generates
@@ -248,8 +257,9 @@ async def rate_limit(
     snapshot: Snapshot = state["snapshot"]
     tokens = 0
     if body is not None:
-        # Every choice generates up to the limit.
-        tokens = prompt_estimate + (body.output_limit() or snapshot.config.limits.assumed_max_tokens) * (body.n or 1)
+        # Every choice generates up to the limit (an embedding's is 0: its input counts alone).
+        limit = body.output_limit()
+        tokens = prompt_estimate + (snapshot.config.limits.assumed_max_tokens if limit is None else limit) * body.choices()
     try:
         reservation = await snapshot.limiter.acquire(
             principal.buckets, tokens, prompt_estimate, principal.record_key, peek=body is None

@@ -331,6 +331,12 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return engine.main(args.args)
 
 
+def cmd_bench_embeddings(args: argparse.Namespace) -> int:
+    from gateway.bench import embeddings  # stdlib at import; the engines when it runs
+
+    return embeddings.main(args.args)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from gateway.bench import serve  # stdlib at import; aiohttp/matplotlib when it runs
 
@@ -423,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     _tool(bench_sub, "engine", "paged engine throughput on GPU vs transformers and the roofline", cmd_bench_engine)
     _tool(bench_sub, "serve", "load-test any OpenAI-compatible URL: TTFT, ITL, e2e, req/s", cmd_bench_serve)
+    _tool(bench_sub, "embeddings", "embedding inputs/s: paged engine vs the llama.cpp runner", cmd_bench_embeddings)
 
     _tool(sub, "sim", "simulate routing strategies over N replicas (turnout sim --help)", cmd_sim)
     return parser

@@ -23,6 +23,7 @@ from backends.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ContextLengthExceeded,
+    Embeds,
     InvalidRequest,
     ModelNotFound,
     Passthrough,
@@ -118,6 +119,8 @@ class Dispatcher:
         self.experiments: dict[str, Experiment] = experiments_by_model(config.experiments)
         # Capabilities, asked once per policy (an isinstance on a Protocol costs microseconds).
         self.passthrough: dict[str, Passthrough] = {n: b for n, b in backends.items() if isinstance(b, Passthrough)}
+        self.embedders = frozenset(n for n, b in backends.items() if isinstance(b, Embeds))
+        self.embed_only = frozenset(b.name for b in config.backends if b.task == "embed")
         self._polled = {n for n, b in backends.items() if not isinstance(b, PushesLoad)}  # asked with load()
         for name, backend in backends.items():
             if isinstance(backend, PushesLoad):  # remote: reports ride on its responses
@@ -186,6 +189,22 @@ class Dispatcher:
                 f"This model's maximum context length is {ceiling} tokens. However, you requested "
                 f"{n} in the completion alone ({param}). Please reduce the length of the completion.",
                 param=param,
+            )
+
+    def check_serves(self, alias: str, kind: str) -> None:
+        """A 400 when the route's backends do not serve `kind` of request: embeddings from a
+        pool with no backend that embeds, a chat or completion from a pool of `task: embed`
+        backends. An unknown model is left to `call` (its 404)."""
+        route = self.routes.get(alias)
+        if route is None:
+            return
+        pool = route.config.backends
+        if kind == "embeddings":
+            if not any(name in self.embedders for name in pool):
+                raise InvalidRequest(f"The model '{alias}' does not serve embeddings.", param="model", code="model_not_supported")
+        elif all(name in self.embed_only for name in pool):
+            raise InvalidRequest(
+                f"The model '{alias}' is an embedding model: it serves /v1/embeddings only.", param="model", code="model_not_supported"
             )
 
     def in_flight(self, name: str) -> int:

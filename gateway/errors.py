@@ -1,11 +1,15 @@
-"""OpenAI-shaped error responses for every error path of the gateway, and the one reading of
-an exception as the status a request ends with."""
+"""The error responses of every error path of the gateway, in the dialect of the URL asked
+(OpenAI's body; Anthropic's on /v1/messages; Ollama's on /api/), and the one reading of an
+exception as the status a request ends with.
+
+Every error is first an OpenAI error (status, message, type, param, code: what APIError
+carries); `error_payload` words it in a dialect. That is the one builder of error bodies."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from backends.protocol import APIError, error_body
+from gateway.fastpath import route_path
 
 log = logging.getLogger("turnout.errors")
 
@@ -30,6 +35,44 @@ _TYPE_BY_STATUS = {
 CLIENT_CLOSED = 499  # nginx's code for a client that left before its answer
 
 
+Dialect = Literal["openai", "anthropic", "ollama"]
+
+# Anthropic's error types (docs.anthropic.com, "Errors"), by status.
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def dialect_of(path: str) -> Dialect:
+    """The dialect a URL path speaks, and so the shape of its errors."""
+    if path.startswith("/api/"):
+        return "ollama"
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    return "openai"
+
+
+def error_payload(
+    dialect: Dialect, status: int, message: str, type: str | None = None, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """An error's body in `dialect`: OpenAI's `{"error": {message, type, param, code}}`,
+    Anthropic's `{"type": "error", "error": {type, message}}`, Ollama's `{"error": message}`."""
+    if dialect == "ollama":
+        return {"error": message}
+    if dialect == "anthropic":
+        kind = _ANTHROPIC_TYPE_BY_STATUS.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return error_body(message, type or _TYPE_BY_STATUS.get(status, "server_error"), param=param, code=code)
+
+
 def error_response(
     status: int,
     message: str,
@@ -38,15 +81,20 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    dialect: Dialect = "openai",
 ) -> JSONResponse:
-    """A JSON response with OpenAI's error body (`type` defaults from the status)."""
-    body = error_body(message, type or _TYPE_BY_STATUS.get(status, "server_error"), param=param, code=code)
-    return JSONResponse(body, status_code=status, headers=headers)
+    """A JSON error response in `dialect` (OpenAI's `type` defaults from the status)."""
+    return JSONResponse(error_payload(dialect, status, message, type, param, code), status_code=status, headers=headers)
 
 
-def api_error_response(exc: APIError) -> JSONResponse:
-    """The response for an APIError: its status, body and headers (Retry-After)."""
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.response_headers() or None)
+def api_error_response(exc: APIError, dialect: Dialect = "openai") -> JSONResponse:
+    """The response for an APIError: its status, body (in `dialect`) and headers (Retry-After)."""
+    body = exc.body() if dialect == "openai" else error_payload(dialect, exc.status, exc.message, exc.type, exc.param, exc.code)
+    return JSONResponse(body, status_code=exc.status, headers=exc.response_headers() or None)
+
+
+def _dialect(request: Request) -> Dialect:
+    return dialect_of(route_path(request.scope))
 
 
 def status_of(exc: BaseException) -> tuple[int, str | None]:
@@ -115,20 +163,20 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every exception the app can raise to an OpenAI error body."""
 
     @app.exception_handler(APIError)
-    async def _api(_: Request, exc: APIError) -> JSONResponse:
-        return api_error_response(exc)
+    async def _api(request: Request, exc: APIError) -> JSONResponse:
+        return api_error_response(exc, _dialect(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(list(exc.errors()))
-        return error_response(400, message, param=param)
+        return error_response(400, message, param=param, dialect=_dialect(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             message = "Unknown request URL. Please check the URL and method."
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None), dialect=_dialect(request))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -136,5 +184,5 @@ def install_error_handlers(app: FastAPI) -> None:
         # This handler runs outside the request-id middleware, so it sets the header itself.
         request_id = request.scope.get("state", {}).get("request_id", "")
         return error_response(
-            500, "The server had an error while processing your request.", headers={"x-request-id": request_id}
+            500, "The server had an error while processing your request.", headers={"x-request-id": request_id}, dialect=_dialect(request)
         )

@@ -1,10 +1,11 @@
-"""One generation request, end to end (DESIGN.md, "A request's path"): rate limit ->
+"""One generation (or embedding) request, end to end (DESIGN.md, "A request's path"): rate limit ->
 experiment assignment -> pick a backend and call it (retries and fallbacks before the first
 byte) -> stream (gateway.streaming) or answer -> record usage, metrics, span and experiment
 sample.
 
 Authentication ran before this, in `gateway.auth.AuthMiddleware`, which also handed the
-request the policy snapshot it keeps to the end.
+request the policy snapshot it keeps to the end. Every dialect comes through here, translated
+to the contract by its route; its `Dialect` writes the answer and the stream.
 """
 
 from __future__ import annotations
@@ -20,9 +21,19 @@ from fastapi import Request, Response
 from opentelemetry import trace
 from starlette.background import BackgroundTask
 
-from backends.protocol import Backend, ChatCompletionRequest, CompletionRequest, StreamOptions, UpstreamTimeout
+from backends.protocol import (
+    Backend,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Embeds,
+    EmbeddingRequest,
+    InvalidRequest,
+    StreamOptions,
+    UpstreamTimeout,
+)
 from gateway.auth import rate_limit
 from gateway.body import prompt_token_estimate
+from gateway.dialects.base import Dialect, OpenAIDialect
 from gateway.dispatch import Dispatcher, Lease, Route
 from gateway.errors import CLIENT_CLOSED, status_of
 from gateway.outcome import RequestOutcome
@@ -36,16 +47,21 @@ from policies.routing import RequestFeatures, chat_prefix_text, prefix_block_has
 
 T = TypeVar("T")
 
-Kind = Literal["chat", "completions"]
-Body = ChatCompletionRequest | CompletionRequest
+Kind = Literal["chat", "completions", "embeddings"]
+Body = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 
 # How often a non-streamed request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
 MAX_SHADOW_IN_FLIGHT = 16  # beyond this, shadow copies are skipped rather than queued
 
 
-async def generate(kind: Kind, body: Body, raw: bytes, request: Request) -> Response:
-    """Serve one chat or text completion (`raw`: the body as the client sent it)."""
+async def generate(kind: Kind, body: Body, raw: bytes, request: Request, dialect: Dialect | None = None) -> Response:
+    """Serve one chat, text completion or embedding request, answered in `dialect` (default:
+    OpenAI's). `raw`: the body as the client sent it (the prompt's size estimate, and what a
+    remote forwards as is where the dialect is OpenAI's)."""
+    if dialect is None:
+        streamed = bool(getattr(body, "stream", False))  # an EmbeddingRequest has no stream
+        dialect = OpenAIDialect(kind, strip_usage=streamed and not body.wants_usage_chunk())  # type: ignore[union-attr]
     runtime: GatewayRuntime = request.app.state.runtime
     state = request.scope["state"]
     snapshot: Snapshot = state["snapshot"]  # this request keeps this policy even if a reload lands
@@ -53,15 +69,15 @@ async def generate(kind: Kind, body: Body, raw: bytes, request: Request) -> Resp
     principal = state.get("principal")
     outcome = RequestOutcome(
         request_id=state["request_id"],
-        route=kind,
+        route=dialect.route,
         model=body.model,
-        stream=bool(body.stream),
+        stream=bool(getattr(body, "stream", False)),
         key_name=principal.key_id if principal else None,
         tenant=principal.tenant if principal else None,
         client_ip=state["client_ip"],  # the peer, or the client a trusted proxy names (gateway/client_address.py)
     )
     if snapshot.config.server.log_prompts:
-        outcome.prompt = body.model_dump_json(include={"messages", "prompt"})
+        outcome.prompt = body.model_dump_json(include={"messages", "prompt", "input"})
     tracing = runtime.tracing
     span = _request_span(tracing, kind, body, request) if tracing.enabled else None
     outcome.trace_id = trace_id_of(span)
@@ -69,35 +85,37 @@ async def generate(kind: Kind, body: Body, raw: bytes, request: Request) -> Resp
     record_after_send = False
     reservation: TokenReservation | NoReservation = NO_RESERVATION
     prompt_estimate = prompt_token_estimate(raw)
+    forward = raw if dialect.forwards_raw else None  # the bytes a remote may send upstream as they came
     try:
         if principal is not None:
             principal.check_model(body.model)
-        dispatcher.check_output_limit(body)  # before the limiter reserves what it asks for
+        dispatcher.check_serves(body.model, kind)
+        if not isinstance(body, EmbeddingRequest):
+            dispatcher.check_output_limit(body)  # before the limiter reserves what it asks for
         with tracing.span("turnout.rate_limit", span):
             reservation = await rate_limit(request, body, prompt_estimate)
-        pool, headers = _assign_variant(runtime, dispatcher, body, raw, request, outcome, principal)
+        pool, headers = _assign_variant(runtime, dispatcher, kind, body, forward, request, outcome, principal)
         features = _features(dispatcher, body, principal, prompt_estimate)
-        if body.stream:
-            strip_usage = not body.wants_usage_chunk()
+        if not isinstance(body, EmbeddingRequest) and body.stream:
             body.stream_options = StreamOptions(include_usage=True)  # usage for limits and metrics
             lease, (first, rest, backend_span) = await dispatcher.call(
-                body.model, lambda b, r: _open_stream(kind, dispatcher, b, r, body, raw, tracing, span), features, pool, tracing, span
+                body.model, lambda b, r: _open_stream(kind, dispatcher, b, r, body, forward, tracing, span), features, pool, tracing, span
             )
             outcome.backend = lease.name
             deadline = asyncio.get_running_loop().time() + dispatcher.route(body.model).config.timeouts.total_s
             on_close = partial(_close_stream, runtime, outcome, reservation, lease, span, backend_span)
-            chunks = ChunkStream(first, rest, deadline=deadline, strip_usage=strip_usage, outcome=outcome, on_close=on_close)
+            chunks = ChunkStream(first, rest, deadline=deadline, dialect=dialect, outcome=outcome, on_close=on_close)
             handed_to_stream = True
             headers["endpoint-load-metrics"] = lease.backend.load().to_header()
             return chunks.response(headers)
         lease, (result, backend_span) = await dispatcher.call(
-            body.model, lambda b, r: _answer(kind, dispatcher, b, r, body, raw, tracing, span), features, pool, tracing, span
+            body.model, lambda b, r: _answer(kind, dispatcher, b, r, body, forward, tracing, span), features, pool, tracing, span
         )
         outcome.backend = lease.name
         try:
             usage = result.usage
-            if usage is not None:
-                outcome.prompt_tokens, outcome.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            if usage is not None:  # an embedding's usage has no completion_tokens: total less prompt is 0
+                outcome.prompt_tokens, outcome.completion_tokens = usage.prompt_tokens, usage.total_tokens - usage.prompt_tokens
             outcome.first_token_at = time.perf_counter()  # a whole answer arrives at once
             headers["endpoint-load-metrics"] = lease.backend.load().to_header()
             reservation.settle(usage.total_tokens if usage is not None else None)
@@ -109,7 +127,7 @@ async def generate(kind: Kind, body: Body, raw: bytes, request: Request) -> Resp
         # client does not wait for them. The outcome is finished below, as on every path.
         record_after_send = True
         return Response(
-            result.model_dump_json(), media_type="application/json", headers=headers, background=BackgroundTask(_record, runtime, outcome)
+            dialect.answer(result), media_type="application/json", headers=headers, background=BackgroundTask(_record, runtime, outcome)
         )
     except BaseException as exc:
         outcome.status, outcome.error_code = status_of(exc)
@@ -160,14 +178,15 @@ def _close_stream(
 
 def _request_span(tracing: Tracing, kind: Kind, body: Body, request: Request) -> Any:
     """The request's root span, continuing the caller's W3C trace; GenAI semantic names."""
-    operation = "chat" if kind == "chat" else "text_completion"
-    attributes = {
+    operation = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}[kind]
+    attributes: dict[str, Any] = {
         "gen_ai.operation.name": operation,
         "gen_ai.request.model": body.model,
-        "gen_ai.request.max_tokens": body.output_limit() or 0,
-        "gen_ai.request.temperature": body.temperature if body.temperature is not None else 1.0,
         "turnout.request_id": request.scope["state"]["request_id"],
     }
+    if not isinstance(body, EmbeddingRequest):
+        attributes["gen_ai.request.max_tokens"] = body.output_limit() or 0
+        attributes["gen_ai.request.temperature"] = body.temperature if body.temperature is not None else 1.0
     parent = tracing.extract(request.headers)
     span = tracing.start_span(f"{operation} {body.model}", None, server=True, context=parent, **attributes)
     auth = request.scope["state"].get("auth_span_ns")
@@ -184,14 +203,16 @@ def _features(dispatcher: Dispatcher, body: Body, principal: Any, prompt_estimat
     if route.uses_prefixes:
         if isinstance(body, ChatCompletionRequest):
             text: str | list[int] = chat_prefix_text((m.role, m.text()) for m in body.messages)
-        else:
+        elif isinstance(body, CompletionRequest):
             text = body.single_prompt()
+        else:
+            text = ""  # embeddings: nothing is cached for them, so nothing to be near
         hashing = route.config.prefix_hashing
-        prefix = prefix_block_hashes(text, hashing.block_size, hashing.max_blocks)
+        prefix = prefix_block_hashes(text, hashing.block_size, hashing.max_blocks) if text else ()
     return RequestFeatures(
         model=body.model,
         prompt_tokens=prompt_estimate,
-        max_tokens=(body.output_limit() or 0) * (body.n or 1) or None,  # every choice holds KV of its own
+        max_tokens=(body.output_limit() or 0) * body.choices() or None,  # every choice holds KV of its own
         priority=0 if principal is None or principal.priority == "interactive" else 1,
         sticky_key=body.user or (principal.key_id if principal else None),
         prefix_hashes=prefix,
@@ -201,8 +222,9 @@ def _features(dispatcher: Dispatcher, body: Body, principal: Any, prompt_estimat
 def _assign_variant(
     runtime: GatewayRuntime,
     dispatcher: Dispatcher,
+    kind: Kind,
     body: Body,
-    raw: bytes,
+    raw: bytes | None,
     request: Request,
     outcome: RequestOutcome,
     principal: Any,
@@ -219,7 +241,7 @@ def _assign_variant(
     outcome.experiment, outcome.variant = experiment.name, assignment.variant.name
     if experiment.should_shadow(unit_hash(experiment.name, "shadow", outcome.request_id)):
         for variant in experiment.shadows:
-            _shadow(runtime, dispatcher, experiment, variant, body, raw, request.scope["state"]["request_id"])
+            _shadow(runtime, dispatcher, experiment, variant, kind, body, raw, request.scope["state"]["request_id"])
     return list(assignment.variant.backends), {"x-turnout-variant": assignment.variant.name}
 
 
@@ -228,16 +250,16 @@ def _shadow(
     dispatcher: Dispatcher,
     experiment: Experiment,
     variant: Variant,
+    kind: Kind,
     body: Body,
-    raw: bytes,
+    raw: bytes | None,
     request_id: str,
 ) -> None:
     """Mirror the request to a shadow variant; its answer is recorded and discarded. Never
     delays the client: no waiting, and nothing at all when too many copies are in flight."""
     if runtime.background_tasks >= MAX_SHADOW_IN_FLIGHT:
         return
-    copy = body.model_copy(update={"stream": False, "stream_options": None})
-    kind: Kind = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
+    copy = body if isinstance(body, EmbeddingRequest) else body.model_copy(update={"stream": False, "stream_options": None})
     outcome = RequestOutcome(request_id=f"{request_id}-shadow", route=kind, model=body.model)
     outcome.experiment, outcome.variant = experiment.name, variant.name
 
@@ -260,7 +282,7 @@ def _shadow(
 
 
 async def _answer(
-    kind: Kind, dispatcher: Dispatcher, backend: Backend, route: Route, body: Body, raw: bytes, tracing: Tracing, parent: Any
+    kind: Kind, dispatcher: Dispatcher, backend: Backend, route: Route, body: Body, raw: bytes | None, tracing: Tracing, parent: Any
 ) -> tuple[Any, Any]:
     """One attempt at a whole answer. Its start must come within the route's first-token
     deadline: for a remote, the upstream's response headers (the backend times them, as
@@ -274,8 +296,12 @@ async def _answer(
         with trace.use_span(bspan, end_on_exit=False) if bspan is not None else nullcontext():
             try:
                 async with asyncio.timeout(timeouts.total_s):
-                    forward = dispatcher.passthrough.get(backend.name)
-                    if forward is not None:  # the client's own bytes go upstream
+                    forward = dispatcher.passthrough.get(backend.name) if raw is not None else None
+                    if isinstance(body, EmbeddingRequest):
+                        if not isinstance(backend, Embeds):
+                            raise InvalidRequest(f"backend {backend.name!r} cannot embed", param="model")
+                        work = backend.embeddings(body)
+                    elif forward is not None:  # the client's own bytes go upstream
                         first = timeouts.first_token_s
                         work = (
                             forward.chat_raw(body, raw, first_byte_timeout_s=first)  # type: ignore[arg-type]
@@ -294,14 +320,14 @@ async def _answer(
 
 
 async def _open_stream(
-    kind: Kind, dispatcher: Dispatcher, backend: Backend, route: Route, body: Body, raw: bytes, tracing: Tracing, parent: Any
+    kind: Kind, dispatcher: Dispatcher, backend: Backend, route: Route, body: Body, raw: bytes | None, tracing: Tracing, parent: Any
 ) -> tuple[Any, AsyncIterator[Any], Any]:
     """One attempt at a stream: open it and wait for its first chunk (the first-token
     deadline). Until that chunk, a failure may still be retried elsewhere."""
     bspan = tracing.start_span(f"turnout.backend {backend.name}", parent, **{"turnout.backend": backend.name})
     try:
         with trace.use_span(bspan, end_on_exit=False) if bspan is not None else nullcontext():
-            forward = dispatcher.passthrough.get(backend.name)
+            forward = dispatcher.passthrough.get(backend.name) if raw is not None else None
             stream: AsyncIterator[Any]
             if forward is not None:  # the upstream's bytes come back (RawChunk): nothing to re-serialise
                 stream = forward.chat_stream_raw(body, raw) if kind == "chat" else forward.completion_stream_raw(body, raw)  # type: ignore[arg-type]

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.client_address import NO_PROXIES, TrustedProxies, client_address, forwarded_for
-from gateway.errors import error_response
+from gateway.errors import dialect_of, error_response
+from gateway.fastpath import route_path
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -111,5 +112,6 @@ class RequestContextMiddleware:
         await self.app(scope, replay, send_with_id)
 
     async def _too_large(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+        message = f"Request body too large: the limit is {limit} bytes."
+        response = error_response(413, message, code="request_too_large", dialect=dialect_of(route_path(scope)))
         await response(scope, receive, send)

@@ -28,6 +28,8 @@ from backends.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
 )
@@ -75,7 +77,9 @@ class Residents(BaseModel):
 MODELS: list[tuple[type[BaseModel], str]] = [
     (ChatCompletionRequest, "validation"),
     (CompletionRequest, "validation"),
+    (EmbeddingRequest, "validation"),
     (ChatCompletion, "serialization"),
+    (EmbeddingResponse, "serialization"),
     (ChatCompletionChunk, "serialization"),
     (Completion, "serialization"),
     (ModelList, "serialization"),
@@ -151,6 +155,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         CompletionRequest,
         Completion,
         examples=_examples({"prompt": "Once upon a time"}),
+    ),
+    ("post", "/v1/embeddings"): Operation(
+        "Create embeddings",
+        EmbeddingResponse,
+        GENERATION_ERRORS,
+        EmbeddingRequest,
+        examples={"batch": {"model": "smollm2-135m", "input": ["The cat sat on the mat.", "A kitten rested on the rug."]}},
     ),
     ("get", "/v1/models"): Operation("List the models this key may use", ModelList, (401, 429, 500, 503)),
     ("get", "/v1/models/{model_id}"): Operation("Retrieve a model", ModelCard, (401, 404, 429, 500, 503)),

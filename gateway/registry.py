@@ -89,7 +89,7 @@ def _worker_backend(cfg: BackendConfig, options: LlamaCppOptions | EngineOptions
     else:
         window, max_running, block_size = options.max_model_len, options.max_num_seqs, options.block_size
     return WorkerBackend(
-        WorkerSpec(kind=cfg.kind, name=cfg.name, model=cfg.model, model_id=cfg.model_id(), options=dict(cfg.options)),
+        WorkerSpec(kind=cfg.kind, name=cfg.name, model=cfg.model, model_id=cfg.model_id(), options=dict(cfg.options), task=cfg.task),
         keep_alive_s=cfg.keep_alive_s(),
         preload=cfg.preload,
         context_window=window,

@@ -1,4 +1,5 @@
-"""The OpenAI routes, health checks and model listing."""
+"""The OpenAI routes (chat, completions, embeddings), health checks and model listing. The
+other dialects' routes are in gateway/dialects/."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from backends.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ModelNotFound
+from backends.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList, ModelNotFound
 from gateway.auth import rate_limit
 from gateway.body import parse_body
 from gateway.errors import error_response
@@ -21,7 +22,7 @@ router = APIRouter()
 
 # Served past FastAPI's routing layer by gateway.fastpath.DirectRoutes (same handlers, same
 # errors): each takes only the Request and returns a Response.
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def _registry(request: Request) -> BackendRegistry:
@@ -40,6 +41,12 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body, raw = await parse_body(request, CompletionRequest)
     return await unless_disconnected(request, generate("completions", body, raw, request))
+
+
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(request: Request) -> Response:
+    body, raw = await parse_body(request, EmbeddingRequest)
+    return await unless_disconnected(request, generate("embeddings", body, raw, request))
 
 
 def _visible_cards(request: Request) -> list[ModelCard]:

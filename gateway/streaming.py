@@ -1,40 +1,39 @@
-"""A streamed answer, from its backend's first chunk to the last SSE byte: the one streaming
-path of the gateway.
+"""A streamed answer, from its backend's first chunk to the last byte: the one streaming
+path of the gateway, whatever the dialect.
 
-    first = await first_chunk(stream, timeout_s)        # inside the retry loop
-    return ChunkStream(first, stream, ...).response()   # after it
+    first = await first_chunk(stream, timeout_s)                 # inside the retry loop
+    return ChunkStream(first, stream, dialect=..., ...).response()  # after it
 
 `first_chunk` is the only prefetch: until the first chunk a failure may be retried on
-another backend, and errors become ordinary HTTP errors. After it, `ChunkStream` sends
-OpenAI's SSE framing (`data: {json}` per chunk, then `data: [DONE]`), cuts the stream off at
-the route's total deadline, notes the first token and the usage in the request's outcome,
-reports errors in-band (the 200 already went out), and has one close point: `close()`, run
-by the response however it ends (finished, failed, client gone), which closes the backend's
-stream (cancelling the generation, freeing its KV blocks) and then calls `on_close(error)`.
+another backend, and errors become ordinary HTTP errors. After it, `ChunkStream` hands the
+chunks to the request's dialect (gateway.dialects: OpenAI's SSE framing, Anthropic's events,
+Ollama's NDJSON), cuts the stream off at the route's total deadline, notes the first token
+and the usage in the request's outcome, reports errors in-band in the dialect (the 200
+already went out), and has one close point: `close()`, run by the response however it ends
+(finished, failed, client gone), which closes the backend's stream (cancelling the
+generation, freeing its KV blocks) and then calls `on_close(error)`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from backends.protocol import APIError, ChatCompletionChunk, Completion, RawChunk, UpstreamError, error_body
+from backends.protocol import APIError, ChatCompletionChunk, Completion, RawChunk, UpstreamError
+from gateway.dialects.base import Dialect
 from gateway.outcome import RequestOutcome
 
 log = logging.getLogger("turnout.streaming")
 
 T = TypeVar("T")
 
-DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_STREAM_FAILED = json.dumps(error_body("The server had an error while streaming.", "server_error")).encode()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # for NDJSON streams as well
 
 
 async def first_chunk(stream: AsyncIterator[T], timeout_s: float) -> T:
@@ -48,17 +47,9 @@ async def first_chunk(stream: AsyncIterator[T], timeout_s: float) -> T:
         raise
 
 
-def encode(item: BaseModel | RawChunk) -> bytes:
-    """One SSE event: the upstream's own bytes for a RawChunk, else the model's JSON."""
-    if type(item) is RawChunk:
-        return b"data: " + item.data + b"\n\n"
-    return b"data: " + item.model_dump_json().encode() + b"\n\n"  # type: ignore[union-attr]
-
-
 class ChunkStream:
-    """One streamed answer after its first chunk. `deadline` is on the event loop's clock;
-    `strip_usage` drops the usage-only chunk the client did not ask for (the gateway asks
-    every backend for usage, to settle token limits)."""
+    """One streamed answer after its first chunk, written in `dialect`. `deadline` is on the
+    event loop's clock."""
 
     def __init__(
         self,
@@ -66,64 +57,64 @@ class ChunkStream:
         rest: AsyncIterator[Any],
         *,
         deadline: float,
-        strip_usage: bool,
+        dialect: Dialect,
         outcome: RequestOutcome,
         on_close: Callable[[BaseException | None], None],
     ) -> None:
         self.first = first
         self.rest = rest
         self.deadline = deadline
-        self.strip_usage = strip_usage
+        self.dialect = dialect
         self.outcome = outcome
         self.on_close = on_close
         self.error: BaseException | None = None
         self._closed = False
 
     def response(self, headers: dict[str, str]) -> StreamingResponse:
-        """The SSE response that sends this stream, then closes it."""
+        """The streaming response that sends this stream, then closes it."""
         return _EventStreamResponse(self, headers)
 
     async def events(self) -> AsyncIterator[bytes]:
-        """The SSE bytes: every chunk the client should see, an in-band error if the stream
-        fails, then [DONE]."""
+        """The dialect's bytes for every chunk, or its in-band error if the stream fails."""
         try:
-            if self._keep(self.first):
-                yield encode(self.first)
-            while True:
-                try:
-                    async with asyncio.timeout_at(self.deadline):
-                        item = await anext(self.rest)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise UpstreamError("The generation exceeded the route's total timeout.") from None
-                if self._keep(item):
-                    yield encode(item)
+            async with aclosing(self.dialect.events(self._chunks())) as events:
+                async for data in events:
+                    yield data
         except APIError as exc:
             self.error = exc
-            yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+            yield self.dialect.stream_error(exc)
         except Exception as exc:
             self.error = exc
             log.exception("stream failed")
-            yield b"data: " + _STREAM_FAILED + b"\n\n"
+            yield self.dialect.stream_error(None)
         except BaseException as exc:  # cancelled: the client left
             self.error = exc
             raise
-        yield DONE
 
-    def _keep(self, item: Any) -> bool:
-        """Note the first token and the usage; False for a usage chunk to drop. Chunks are
-        models (in-process backends) or RawChunks (remote)."""
-        raw = type(item) is RawChunk
+    async def _chunks(self) -> AsyncIterator[Any]:
+        """The backend's chunks, the first one included, until the end or the deadline."""
+        self._note(self.first)
+        yield self.first
+        while True:
+            try:
+                async with asyncio.timeout_at(self.deadline):
+                    item = await anext(self.rest)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamError("The generation exceeded the route's total timeout.") from None
+            self._note(item)
+            yield item
+
+    def _note(self, item: Any) -> None:
+        """Note the first token and the usage. Chunks are models (in-process backends) or
+        RawChunks (remote)."""
         outcome = self.outcome
         if item.usage is not None:
             outcome.prompt_tokens = item.usage.prompt_tokens
             outcome.completion_tokens = item.usage.completion_tokens
-            if self.strip_usage and not (item.has_choices if raw else item.choices):
-                return False
-        if outcome.first_token_at is None and (item.has_text if raw else _has_text(item)):
+        if outcome.first_token_at is None and (item.has_text if type(item) is RawChunk else _has_text(item)):
             outcome.first_token()
-        return True
 
     async def close(self) -> None:
         """Close the backend's stream, then `on_close(error)`. Once; later calls do nothing."""
@@ -141,7 +132,7 @@ class _EventStreamResponse(StreamingResponse):
     also when the client left before the first byte (the events never started)."""
 
     def __init__(self, stream: ChunkStream, headers: dict[str, str]) -> None:
-        super().__init__(stream.events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        super().__init__(stream.events(), media_type=stream.dialect.media_type, headers={**SSE_HEADERS, **headers})
         self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

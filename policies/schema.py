@@ -80,6 +80,9 @@ class BackendConfig(_Section):
     url: str | None = None  # remote: the upstream's base URL (…/v1); litellm: optional api_base
     api_key_env: str | None = None  # remote/litellm: env var holding the upstream's API key
     weight: float = Field(default=1.0, ge=0)  # share under `weighted`; 0 drains the backend
+    # generate: chat and completions (and embeddings of the same model); embed: a dedicated
+    # embedding model, which serves /v1/embeddings only.
+    task: Literal["generate", "embed"] = "generate"
     # remote: its Prometheus page, scraped every 500 ms for load (default: beside `url`;
     # "none" to turn scraping off)
     metrics_url: str | None = None

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from backends.options import BackendOptions
+from backends.options import BackendOptions, EmbeddingOptions
 
 
-class LlamaCppOptions(BackendOptions):
-    """Unknown keys and mistyped values are errors."""
+class LlamaCppOptions(BackendOptions, EmbeddingOptions):
+    """Unknown keys and mistyped values are errors. The embedding options (`pooling`,
+    `matryoshka`) come from EmbeddingOptions."""
 
     kind = "llamacpp"
 

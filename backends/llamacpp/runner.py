@@ -11,6 +11,13 @@ token of the vocabulary, each fragment so far searches to the end of the whole t
 20,000-message chat took 8 s to tokenize and 100,000 messages 200 s (llama-cpp-python also
 tokenizes twice past n_ctx_train tokens). Pieces of 2 KiB make it linear, with the same
 tokens: 0.9 s and 4.5 s, llama.cpp's own cost per fragment.
+
+Embeddings come from instances in llama.cpp's embedding mode (`Llama(embedding=True)`, with
+the pooling type fixed when the context is made): for `task: embed` the pool holds only
+those; for `task: generate` one is made on the first embedding request, beside the pool, with
+a thread of its own, so chat keeps its instances. Inputs are packed several to a decode, each
+its own sequence id, and every input must fit one ubatch (llama.cpp pools per ubatch), so an
+embedding instance's batch is its whole context.
 """
 
 from __future__ import annotations
@@ -34,13 +41,14 @@ import llama_cpp
 import numpy as np
 from llguidance.llamacpp import lltokenizer_from_vocab
 
+from backends import embeddings as emb
 from backends.generation import GenerationDelta, GenerationRequest, SamplingParams, TokenLogprob
 from backends.grammar import Constraint, GrammarCompiler, allowed_tokens, bitmask_width
 from backends.llamacpp.cpu_variants import load_cpu_backend
 from backends.llamacpp.options import LlamaCppOptions
 from backends.local import LocalBackend
 from backends.models import resolve_model
-from backends.protocol import InvalidRequest, LoadReport, Overloaded
+from backends.protocol import EmbeddingRequest, InvalidRequest, LoadReport, Overloaded
 from backends.stop import StopMatcher
 
 log = logging.getLogger("turnout.llamacpp")
@@ -48,6 +56,10 @@ log = logging.getLogger("turnout.llamacpp")
 # What llama.cpp's tokenizer carves out of a text as special tokens (its cache_special_tokens).
 _SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
 TOKENIZE_PIECE_CHARS = 2048  # longer texts are tokenized in pieces of about this size (1-2 KiB measured best)
+# Embedding inputs are packed into one decode up to this many tokens (a longer input still
+# decodes alone, up to the context): the packed sequences share one unified KV, and attention
+# over it (masked per sequence) grows with the square of the packed length.
+_PACK_TOKENS = 512  # measured: 238 tokens/s packed to 512, 132 packed to 4096 (SmolLM2, 2 cores)
 
 Emit = Callable[[GenerationDelta | BaseException], None]
 
@@ -57,11 +69,14 @@ class LlamaCppBackend(LocalBackend):
 
     supports_logprobs = True  # read from the last eval's logits (`_token_logprob`)
 
-    def __init__(self, name: str, model: str, model_id: str | None = None, **options: Any) -> None:
+    def __init__(self, name: str, model: str, model_id: str | None = None, task: str = "generate", **options: Any) -> None:
         opts = LlamaCppOptions.from_dict(options)  # unknown options fail at config load
         self.name = name
         self.model = model
         self.model_id = model_id or model
+        self.task = task
+        self.matryoshka = opts.matryoshka
+        self._pooling_option = opts.pooling
         self.instances = opts.instances
         self.max_queue = opts.max_queue
         self._llama_args: dict[str, Any] = {
@@ -85,6 +100,14 @@ class LlamaCppBackend(LocalBackend):
         self._compiler_lock = threading.Lock()  # prepare runs in several threads at once
         self._cut: re.Pattern[str] | None = None  # where a long text may be cut for tokenizing
         self.cpu_variant = ""  # the ggml CPU variant in use, once started
+        self.pooling: emb.Pooling = emb.DEFAULT_POOLING  # resolved against the GGUF at start
+        self._path: Path | None = None
+        # Embedding-mode instances, their queue and threads: the pool itself for task embed,
+        # else one made on first use (under the lock).
+        self._embedders: list[llama_cpp.Llama] = []
+        self._embed_free: asyncio.Queue[llama_cpp.Llama] | None = None
+        self._embed_executor: ThreadPoolExecutor | None = None
+        self._embed_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -92,12 +115,16 @@ class LlamaCppBackend(LocalBackend):
         # The CPU variant of ggml for this host, chosen before the first Llama (AMX only
         # where the kernel grants its tile state).
         self.cpu_variant = load_cpu_backend()
-        path = resolve_model(self.model)
-        self._pool = [await asyncio.to_thread(self._load, path) for _ in range(self.instances)]
+        path = self._path = resolve_model(self.model)
+        self.pooling = emb.resolve_pooling(self._pooling_option, await asyncio.to_thread(_gguf_pooling, path))
+        load = self._load_embedder if self.task == "embed" else self._load
+        self._pool = [await asyncio.to_thread(load, path) for _ in range(self.instances)]
         self._free = asyncio.Queue()
         for llm in self._pool:
             self._free.put_nowait(llm)
         self._executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix=f"llamacpp-{self.name}")
+        if self.task == "embed":
+            self._embedders, self._embed_free, self._embed_executor = self._pool, self._free, self._executor
         first = self._pool[0]
         self._template = first.metadata.get("tokenizer.chat_template")
         self._bos_text = self._token_text(first, first.token_bos())
@@ -108,12 +135,19 @@ class LlamaCppBackend(LocalBackend):
     def _load(self, path: Path) -> llama_cpp.Llama:
         return llama_cpp.Llama(model_path=str(path), **self._llama_args)
 
+    def _load_embedder(self, path: Path) -> llama_cpp.Llama:
+        """An instance in embedding mode with the backend's pooling; its batch is its whole
+        context, since llama.cpp pools each sequence within one ubatch."""
+        n_ctx = self._llama_args["n_ctx"]
+        args = {**self._llama_args, "n_batch": n_ctx, "n_ubatch": n_ctx}
+        return llama_cpp.Llama(model_path=str(path), embedding=True, pooling_type=emb.LLAMA_POOLING_TYPE[self.pooling], **args)
+
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        for llm in self._pool:
+        for executor in {self._executor, self._embed_executor} - {None}:
+            executor.shutdown(wait=True, cancel_futures=True)  # type: ignore[union-attr]
+        for llm in {*self._pool, *self._embedders}:
             llm.close()
-        self._pool = []
+        self._pool, self._embedders = [], []
 
     # -- what LocalBackend needs -----------------------------------------------------------
 
@@ -226,12 +260,95 @@ class LlamaCppBackend(LocalBackend):
             # most one more token and hands the instance back.
             cancel.set()
 
+    # -- embeddings --------------------------------------------------------------------------------
+
+    @property
+    def embedding_size(self) -> int:
+        return self._pool[0].n_embd()
+
+    def check_embedding_tokens(self, request: EmbeddingRequest, tokenized: list[list[int]]) -> None:
+        emb.check_vocabulary(request, tokenized, self._pool[0].n_vocab())
+
+    async def embed_tokens(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        """Pooled by llama.cpp on an embedding instance, in its thread. Cancelling the wait
+        stops the work at the next decode; the instance goes back once its thread is done."""
+        free, executor = await self._embedder()
+        llm = await self._acquire(free)
+        started = time.monotonic()
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(executor, self._embed_sync, llm, inputs, cancel)
+
+        def release(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled():
+                done.exception()  # read here: a cancelled caller never reads it
+            self._running -= 1
+            self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * (time.monotonic() - started)
+            free.put_nowait(llm)
+
+        future.add_done_callback(release)
+        try:
+            return await asyncio.shield(future)
+        finally:
+            cancel.set()
+
+    async def _embedder(self) -> tuple[asyncio.Queue[llama_cpp.Llama], ThreadPoolExecutor]:
+        """The embedding instances' queue and threads; for task generate, the one embedding
+        instance is loaded now if this is the first embedding request."""
+        if self._embed_free is None:
+            async with self._embed_lock:
+                if self._embed_free is None:
+                    assert self._path is not None, "backend not started"
+                    llm = await asyncio.to_thread(self._load_embedder, self._path)
+                    self._embedders = [llm]
+                    self._embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llamacpp-{self.name}-embed")
+                    free: asyncio.Queue[llama_cpp.Llama] = asyncio.Queue()
+                    free.put_nowait(llm)
+                    self._embed_free = free
+                    log.info("%s: loaded an embedding instance (%s pooling)", self.name, self.pooling)
+        assert self._embed_executor is not None
+        return self._embed_free, self._embed_executor
+
+    @staticmethod
+    def _embed_sync(llm: llama_cpp.Llama, inputs: list[list[int]], cancel: threading.Event) -> list[np.ndarray]:
+        """Decode the inputs packed several to a batch (one sequence id each, up to the batch's
+        tokens and sequences) and read each sequence's pooled vector. Raises _Cancelled when
+        `cancel` is set between decodes (nobody awaits the answer then)."""
+        ctx, batch = llm._ctx, llm._batch  # noqa: SLF001 - llama-cpp-python's embed() takes text only
+        n_embd, n_batch, n_seq_max = llm.n_embd(), llm.n_batch, llm.context_params.n_seq_max
+        vectors: list[np.ndarray] = []
+        count = tokens = 0
+
+        def decode() -> None:
+            nonlocal count, tokens
+            if cancel.is_set():
+                raise _Cancelled
+            ctx.kv_cache_clear()  # every decode starts from an empty cache
+            ctx.decode(batch)
+            for seq in range(count):
+                row = llama_cpp.llama_get_embeddings_seq(ctx.ctx, seq)
+                vectors.append(np.ctypeslib.as_array(row, shape=(n_embd,)).copy())
+            batch.reset()
+            count = tokens = 0
+
+        batch.reset()
+        for item in inputs:
+            if count and (tokens + len(item) > min(n_batch, _PACK_TOKENS) or count >= n_seq_max):
+                decode()
+            batch.add_sequence(item, count, True)  # every token an output: pooling reads them
+            count += 1
+            tokens += len(item)
+        if count:
+            decode()
+        return vectors
+
     # -- internals -----------------------------------------------------------------------------
 
-    async def _acquire(self) -> llama_cpp.Llama:
-        """An idle instance, waiting in a bounded queue for one; 503 when the queue is full."""
-        assert self._free is not None, "backend not started"
-        if self._free.empty() and self._waiting >= self.max_queue:
+    async def _acquire(self, free: asyncio.Queue[llama_cpp.Llama] | None = None) -> llama_cpp.Llama:
+        """An idle instance (of `free`; default: the pool), waiting in a bounded queue for one;
+        503 when the queue is full."""
+        free = free if free is not None else self._free
+        assert free is not None, "backend not started"
+        if free.empty() and self._waiting >= self.max_queue:
             retry = self._mean_duration_s * (self._waiting + 1) / self.instances
             raise Overloaded(
                 f"backend {self.name!r} is at capacity ({self._running} running, {self._waiting} waiting)",
@@ -239,7 +356,7 @@ class LlamaCppBackend(LocalBackend):
             )
         self._waiting += 1
         try:
-            llm = await self._free.get()
+            llm = await free.get()
         finally:
             self._waiting -= 1
         self._running += 1
@@ -363,6 +480,34 @@ class LlamaCppBackend(LocalBackend):
         if token < 0:
             return ""
         return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+
+class _Cancelled(Exception):
+    """An embedding request whose caller left: its work stopped between decodes."""
+
+
+def _gguf_pooling(path: Path) -> emb.Pooling | None:
+    """The pooling type a GGUF states (`{arch}.pooling_type`), read with the vocabulary only
+    (no weights); None where it states none."""
+    # Quiet, as every Llama(verbose=False) of this runner sets it anyway (llama.cpp logs the
+    # whole vocabulary's summary otherwise).
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return None
+    try:
+        buf = ctypes.create_string_buffer(64)
+
+        def meta(key: str) -> str | None:
+            n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+            return buf.value.decode() if n >= 0 else None
+
+        arch = meta("general.architecture")
+        return emb.gguf_pooling(meta(f"{arch}.pooling_type")) if arch else None
+    finally:
+        llama_cpp.llama_model_free(model)
 
 
 def _tokenize_bytes(vocab: llama_cpp.llama_vocab_p, data: bytes, add_special: bool) -> list[int]:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from backends.generation import GenerationDelta, GenerationRequest
 from backends.paged.engine import LLMEngine
+from backends.paged.pooling import EmbeddingOutput, PoolingRequest
 from backends.protocol import BackendError
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class AsyncEngine:
                 return
             if kind == "add":
                 self._adds_seen += 1
-                request: GenerationRequest = arg
+                request: GenerationRequest | PoolingRequest = arg
                 sink, token = extra
                 try:
                     self.engine.add_request(request)
@@ -177,7 +178,7 @@ class AsyncEngine:
 
     # -- the async side ------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, sink: OutputSink, token: Any) -> None:
+    def submit(self, request: GenerationRequest | PoolingRequest, sink: OutputSink, token: Any) -> None:
         """Queue a request whose outputs go to `sink` (as `(token, item)` pairs). Raises
         what the engine cannot take (InvalidRequest) at once, before anything is queued."""
         if not self.healthy:
@@ -210,6 +211,22 @@ class AsyncEngine:
                 yield item
                 if finished:
                     return
+        finally:
+            if not finished:
+                await self.abort(request.request_id)
+
+    async def embed(self, request: PoolingRequest) -> EmbeddingOutput:
+        """Run an embedding request through the engine, batched with whatever else runs;
+        its one output. Cancelling the wait aborts it and returns once its blocks are free."""
+        queue_: asyncio.Queue[Any] = asyncio.Queue()
+        self.submit(request, _LoopSink(asyncio.get_running_loop()), queue_)
+        finished = False
+        try:
+            item = await queue_.get()
+            finished = True  # an answer or an error: the engine has dropped the request either way
+            if isinstance(item, BaseException):
+                raise item
+            return item
         finally:
             if not finished:
                 await self.abort(request.request_id)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from backends import embeddings as emb
 from backends.generation import GenerationDelta, GenerationRequest
 from backends.grammar import GrammarCompiler
 from backends.local import LocalBackend
@@ -20,8 +24,9 @@ from backends.paged.config import ModelConfig
 from backends.paged.engine import LLMEngine
 from backends.paged.loader import ModelSource, load_config_and_tokenizer
 from backends.paged.options import EngineOptions
+from backends.paged.pooling import PoolingRequest
 from backends.paged.tokenizer import Tokenizer
-from backends.protocol import LoadReport
+from backends.protocol import EmbeddingRequest, LoadReport
 
 
 def _model_id(model: str) -> str:
@@ -36,11 +41,13 @@ class PagedBackend(LocalBackend):
 
     supports_logprobs = True
 
-    def __init__(self, name: str, model: str, model_id: str | None = None, **options: Any) -> None:
+    def __init__(self, name: str, model: str, model_id: str | None = None, task: str = "generate", **options: Any) -> None:
         self.name = name
         self.model = model
         self.model_id = model_id or _model_id(model)
+        self.task = task
         self.options = EngineOptions.from_dict(options)  # unknown options fail at config load
+        self.matryoshka = self.options.matryoshka
         self._source = ModelSource.parse(model)
         # Shape and tokenizer are cheap; weights and the KV pool wait for start().
         self._config: ModelConfig
@@ -50,6 +57,8 @@ class PagedBackend(LocalBackend):
         self._async: AsyncEngine | None = None
         self._grammar: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()  # prepare runs in several threads at once
+        # The option's pooling, else the GGUF's own, else the default (the llama.cpp runner's too).
+        self.pooling: emb.Pooling = emb.resolve_pooling(self.options.pooling, self._config.pooling)
 
     # -- LocalBackend's hooks -----------------------------------------------------------------
 
@@ -82,7 +91,7 @@ class PagedBackend(LocalBackend):
             return
         # The shape and tokenizer read in __init__ are reused: a GGUF's metadata is parsed once.
         self.engine = await asyncio.to_thread(
-            LLMEngine.from_model, self._source, self.options, config=self._config, tokenizer=self._tokenizer
+            LLMEngine.from_model, self._source, self.options, config=self._config, tokenizer=self._tokenizer, task=self.task
         )
         self._async = AsyncEngine(self.engine)
         self._async.start()
@@ -101,6 +110,20 @@ class PagedBackend(LocalBackend):
 
     def abort_request(self, request_id: str) -> None:
         self._engine().abort_nowait(request_id)
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    @property
+    def embedding_size(self) -> int:
+        return self._config.hidden_size
+
+    def check_embedding_tokens(self, request: EmbeddingRequest, tokenized: list[list[int]]) -> None:
+        emb.check_vocabulary(request, tokenized, self._config.vocab_size)
+
+    async def embed_tokens(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        """Pooled through the engine: prefill-only sequences batched with everything else."""
+        out = await self._engine().embed(PoolingRequest(uuid.uuid4().hex, inputs, self.pooling))
+        return out.vectors
 
     def _engine(self) -> AsyncEngine:
         if self._async is None:

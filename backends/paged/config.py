@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends.embeddings import Pooling, gguf_pooling
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -29,6 +31,8 @@ class ModelConfig:
     qkv_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # The pooling an embedding model's GGUF states (`{arch}.pooling_type`); None: it states none.
+    pooling: Pooling | None = None
 
 
 # Named random-weight shapes for benchmarks and tests. "tiny" is for unit tests: a vocab that
@@ -119,6 +123,7 @@ def config_from_gguf(reader: Any) -> ModelConfig:
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos_ids,
+        pooling=gguf_pooling(_field(fields, f"{p}.pooling_type")),
     )
 
 

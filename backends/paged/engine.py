@@ -32,6 +32,11 @@ with nothing in flight.
 
 A request with n > 1 runs as n sequences (a SequenceGroup): choice i is seeded seed + i and
 has its own copy of the grammar; the others share choice 0's prompt KV (see scheduler).
+
+An embedding request (`PoolingRequest`) runs as one prefill-only sequence per input, in one
+group: the runner pools each chunk's hidden rows as the forward pass is launched, the
+scheduler finishes and frees each input after its last chunk (`finish_pooled`), and the
+request's one `EmbeddingOutput` comes in the step its last input finished.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from typing import Any
 
 import torch
 
-from backends.generation import GenerationRequest, output_budget
+from backends.embeddings import PoolState
+from backends.generation import GenerationRequest, SamplingParams, output_budget
 from backends.paged.block_manager import BlockManager
 from backends.paged.config import ModelConfig
 from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
@@ -50,12 +56,13 @@ from backends.paged.model import LlamaModel
 from backends.paged.model_runner import LaunchedStep, ModelRunner, StepInfo
 from backends.paged.options import EngineOptions
 from backends.paged.output_processor import OutputProcessor, StepOutput
+from backends.paged.pooling import EmbeddingOutput, PoolingRequest
 from backends.paged.sampler import SamplerState
 from backends.paged.scheduler import SampledToken, Scheduler, SchedulerOutput
 from backends.paged.sequence import Sequence, SequenceGroup
 from backends.paged.tokenizer import Tokenizer
 from backends.paged.weights import ModelWeights
-from backends.protocol import InvalidRequest
+from backends.protocol import ContextLengthExceeded, InvalidRequest
 
 __all__ = ["EngineCounters", "LLMEngine", "StepInfo", "StepOutput"]
 
@@ -80,11 +87,14 @@ class EngineCounters:
 class LLMEngine:
     """The engine. Not thread-safe: one thread drives it (see async_engine)."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, tokenizer: Tokenizer, options: EngineOptions) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: ModelWeights, tokenizer: Tokenizer, options: EngineOptions, *, task: str = "generate"
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.options = options
-        self.runner = ModelRunner(config, weights, options)
+        self.task = task  # "embed": an embedding model, which never decodes (no decode graphs)
+        self.runner = ModelRunner(config, weights, options, decode_graphs=task != "embed")
         self.device = self.runner.device
         self.dtype = self.runner.dtype
         self.kernels = self.runner.kernels
@@ -113,13 +123,15 @@ class LLMEngine:
         *,
         config: ModelConfig | None = None,
         tokenizer: Tokenizer | None = None,
+        task: str = "generate",
         **option_values: Any,
     ) -> LLMEngine:
         """Load `model` (GGUF path or store name, HF directory, dummy:<shape>, or an already
         parsed ModelSource) and build the engine: the one way every caller builds one.
 
         Options come as an EngineOptions or as keywords. `config` and `tokenizer`, when given,
-        were read from the same source already (PagedBackend reads them before start())."""
+        were read from the same source already (PagedBackend reads them before start()).
+        `task` "embed": an embedding model (policies' BackendConfig.task)."""
         if options is not None and option_values:
             raise TypeError("pass engine options as an EngineOptions or as keywords, not both")
         opts = options if options is not None else EngineOptions.from_dict(option_values)
@@ -130,13 +142,16 @@ class LLMEngine:
             config, tokenizer = load_config_and_tokenizer(source)
         device = opts.torch_device()
         weights = load_weights(source, config, opts.torch_dtype(device), device, seed=opts.seed)
-        return cls(config, weights, tokenizer, opts)
+        return cls(config, weights, tokenizer, opts, task=task)
 
     # -- requests ------------------------------------------------------------------------------
 
-    def validate(self, request: GenerationRequest) -> None:
+    def validate(self, request: GenerationRequest | PoolingRequest) -> None:
         """Raise InvalidRequest / ContextLengthExceeded for a request that can never run.
         Reads only immutable state, so any thread may call it."""
+        if isinstance(request, PoolingRequest):
+            self._validate_pooling(request)
+            return
         s = request.sampling
         if s.grammar is not None and request.constraint is None:
             # Compiled against the vocabulary in LocalBackend.prepare; never run unconstrained.
@@ -152,8 +167,27 @@ class LLMEngine:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="prompt")
         output_budget(len(request.prompt_tokens), s.max_tokens, self.max_model_len)
 
-    def add_request(self, request: GenerationRequest) -> None:
-        """Validate a request and queue its choices for the scheduler."""
+    def _validate_pooling(self, request: PoolingRequest) -> None:
+        if not request.inputs:
+            raise InvalidRequest("input must not be empty", param="input")
+        for i, tokens in enumerate(request.inputs):
+            if not tokens:
+                raise InvalidRequest(f"input {i} is empty", param=f"input.{i}")
+            if len(tokens) > self.max_model_len:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, input {i} has {len(tokens)} tokens.",
+                    param=f"input.{i}",
+                )
+            bad = next((t for t in tokens if not 0 <= t < self.config.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"token id {bad} is outside the vocabulary", param=f"input.{i}")
+
+    def add_request(self, request: GenerationRequest | PoolingRequest) -> None:
+        """Validate a request and queue its choices (an embedding request: its inputs) for
+        the scheduler."""
+        if isinstance(request, PoolingRequest):
+            self._add_pooling(request)
+            return
         self.validate(request)
         if request.request_id in self.requests:
             raise InvalidRequest(f"duplicate request id {request.request_id!r}")
@@ -178,6 +212,21 @@ class LLMEngine:
             self.outputs.add(seq)
             self.scheduler.add(seq)
         self.counters.prompt_tokens += len(prompt)
+
+    def _add_pooling(self, request: PoolingRequest) -> None:
+        """One prefill-only sequence per input, all in one group; no sampler, no text state."""
+        self.validate(request)
+        if request.request_id in self.requests:
+            raise InvalidRequest(f"duplicate request id {request.request_id!r}")
+        params = SamplingParams(max_tokens=1)  # never read: an embedding input samples nothing
+        seqs = [
+            Sequence(request.request_id, list(tokens), params, priority=request.priority, index=i, pooling=PoolState(request.pooling, len(tokens)))
+            for i, tokens in enumerate(request.inputs)
+        ]
+        self.requests[request.request_id] = SequenceGroup(request.request_id, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+            self.counters.prompt_tokens += seq.num_tokens
 
     def abort(self, request_id: str) -> bool:
         """Drop a request, every choice of it, and free their blocks now. False if it is
@@ -215,10 +264,11 @@ class LLMEngine:
             self.counters.prefill_tokens += info.num_prefill_tokens
             self.counters.decode_tokens += info.num_decodes
         self.scheduler.update_after_launch(plan)
+        pooled = self._finish_pooled(plan)
         tokens = self._collect(prev) if prev is not None else []
         if launched.constrained:
             self._run_sampling(launched)  # the grammars have taken every earlier token now
-        outputs = self._process(tokens)
+        outputs = pooled + self._process(tokens)
         if self.async_scheduling and launched.deferrable:
             self._inflight = launched
         else:
@@ -227,6 +277,23 @@ class LLMEngine:
             outputs += self._finish(launched)
         self.counters.steps += 1
         self.counters.step_time_s += time.perf_counter() - t0
+        return outputs
+
+    def _finish_pooled(self, plan: SchedulerOutput) -> list[StepOutput]:
+        """Free the embedding inputs whose last chunk this step launched; the output of each
+        request whose inputs are all done (its vectors read back: the step's one sync then)."""
+        outputs = []
+        for seq in self.scheduler.finish_pooled(plan):
+            group = self.requests.get(seq.request_id)
+            if group is None:
+                continue
+            group.num_unfinished -= 1
+            if group.num_unfinished == 0:
+                del self.requests[seq.request_id]
+                self.counters.requests_finished += 1
+                vectors = [s.pooling.result().float().cpu().numpy() for s in group.seqs if s.pooling is not None]
+                tokens = sum(s.num_tokens for s in group.seqs)
+                outputs.append(StepOutput(seq.request_id, EmbeddingOutput(vectors, tokens)))
         return outputs
 
     def _run_model(self, plan: SchedulerOutput) -> LaunchedStep:
@@ -316,10 +383,24 @@ class LLMEngine:
             self.add_request(r)
         while self.has_unfinished():
             for o in self.step():
+                if isinstance(o.delta, EmbeddingOutput):
+                    continue  # an embedding request's (embed_sync returns them)
                 choices = out.setdefault(o.request_id, [])
                 while len(choices) <= o.delta.index:
                     choices.append([])
                 choices[o.delta.index].extend(o.delta.token_ids)
+        return out
+
+    def embed_sync(self, requests: list[PoolingRequest]) -> dict[str, list[Any]]:
+        """Run embedding requests (and any already added) to completion on this thread;
+        return each one's pooled vectors by request id. (Tests and benchmarks.)"""
+        out: dict[str, list[Any]] = {}
+        for r in requests:
+            self.add_request(r)
+        while self.has_unfinished():
+            for o in self.step():
+                if isinstance(o.delta, EmbeddingOutput):
+                    out[o.request_id] = o.delta.vectors
         return out
 
     def generate_sync(self, requests: list[GenerationRequest]) -> dict[str, list[int]]:

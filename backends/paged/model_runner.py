@@ -94,10 +94,21 @@ def split_prefills_decodes(scheduled: list[ScheduledSeq]) -> tuple[list[Schedule
     return prefills, decodes
 
 
+def _pooled_chunks(prefills: list[ScheduledSeq]) -> list[tuple[Sequence, int, int, int]]:
+    """(sequence, first row, rows, first position) of each embedding chunk in the step, in
+    build_step_inputs' layout (prefill chunks first, in order)."""
+    chunks, row = [], 0
+    for s in prefills:
+        if s.seq.pooling is not None:
+            chunks.append((s.seq, row, s.num_tokens, s.seq.num_computed))
+        row += s.num_tokens
+    return chunks
+
+
 class ModelRunner:
     """The device half of the engine. Not thread-safe: the engine's thread drives it."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, options: EngineOptions) -> None:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, options: EngineOptions, *, decode_graphs: bool = True) -> None:
         self.config = config
         self.options = options
         self.device = weights.embed.device
@@ -126,7 +137,8 @@ class ModelRunner:
         self.max_model_len = min(max_positions, num_blocks * bs)
         self.cache = KVCache(config, num_blocks, bs, self.dtype, self.device)
         self.graphs: Any = None  # a DecodeGraphRunner, or None: every step runs eagerly
-        if self.device.type == "cuda" and self.kernels == "triton" and not options.enforce_eager:
+        # `decode_graphs` off: an embedding model never decodes, so no graphs are captured.
+        if self.device.type == "cuda" and self.kernels == "triton" and not options.enforce_eager and decode_graphs:
             from backends.paged.cuda_graphs import DecodeGraphRunner
 
             self.graphs = DecodeGraphRunner(
@@ -165,7 +177,7 @@ class ModelRunner:
         rows = [s.seq for s in prefills + decodes if s.samples]
         inp = build_step_inputs(prefills, decodes, self.options.block_size)
         self._feed_from_device(inp, prefills, decodes)
-        logits = self.forward(inp)
+        logits = self.forward(inp, _pooled_chunks(prefills))
         constrained = any(seq.constraint is not None for seq in rows)
         return LaunchedStep(rows, constrained, logits if rows else None)
 
@@ -251,8 +263,10 @@ class ModelRunner:
             seq.sampler.output_ids.append(token)  # penalty history
         return RunnerOutput(seqs, token_ids, samples)
 
-    def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Run the step's model; return float32 logits of its sample rows, in row order."""
+    def forward(self, inp: StepInputs, pooled: list[tuple[Sequence, int, int, int]] | None = None) -> torch.Tensor:
+        """Run the step's model; return float32 logits of its sample rows, in row order.
+        `pooled`: (embedding sequence, first row, rows, first position) of each embedding
+        chunk, whose hidden rows are added to the sequence's pooled state (in float32)."""
         assert self.model is not None, "the runner's model was released"
         graph = self.graphs is not None and self.graphs.can_run(inp)
         self.last_step = StepInfo(inp.num_prefill_tokens, inp.num_decodes, int(inp.context_lens.sum()), graph)
@@ -263,6 +277,9 @@ class ModelRunner:
             splits = self.model.attn.decode_splits(inp.num_decodes, max(inp.decode_context_lens), self.device)
         input_ids, positions, meta = to_device(inp, self.device, splits)
         hidden = self.model.forward(input_ids, positions, meta, self.cache)
+        for seq, row, n, start in pooled or ():
+            assert seq.pooling is not None
+            seq.pooling.add(hidden[row : row + n].float(), start)
         if not inp.sample_rows:
             return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
         if len(inp.sample_rows) != hidden.shape[0]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from backends.options import BackendOptions
+from backends.options import BackendOptions, EmbeddingOptions
 
 if TYPE_CHECKING:
     import torch
@@ -16,8 +16,9 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
 DType = Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
 
 
-class EngineOptions(BackendOptions):
-    """The `options:` of a `kind: paged` backend. Unknown keys and mistyped values are errors."""
+class EngineOptions(BackendOptions, EmbeddingOptions):
+    """The `options:` of a `kind: paged` backend. Unknown keys and mistyped values are errors.
+    The embedding options (`pooling`, `matryoshka`) come from EmbeddingOptions."""
 
     kind = "paged"
 

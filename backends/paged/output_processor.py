@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backends.generation import GenerationDelta, TokenLogprob
+from backends.paged.pooling import EmbeddingOutput
 from backends.paged.scheduler import SampledToken
 from backends.paged.sequence import Sequence
 from backends.paged.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -19,10 +20,11 @@ from backends.stop import StopMatcher
 
 @dataclass
 class StepOutput:
-    """One choice's delta from one engine step (the engine sets `delta.final`)."""
+    """One choice's delta from one engine step (the engine sets `delta.final`), or an
+    embedding request's vectors (always final)."""
 
     request_id: str
-    delta: GenerationDelta
+    delta: GenerationDelta | EmbeddingOutput
 
 
 @dataclass

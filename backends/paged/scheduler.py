@@ -47,12 +47,13 @@ class ScheduledSeq:
 
     seq: Sequence
     num_tokens: int  # new tokens computed this step (1 for a decode)
-    # Whether this step reaches the end of the sequence's tokens, so it samples the next one.
-    # Fixed when planned: num_computed moves before the step's tokens are read back.
+    # Whether this step reaches the end of the sequence's tokens, so it samples the next one
+    # (an embedding input never samples: its last chunk finishes it). Fixed when planned:
+    # num_computed moves before the step's tokens are read back.
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+        self.samples = self.seq.num_computed + self.num_tokens == self.seq.num_tokens and self.seq.pooling is None
 
 
 @dataclass
@@ -122,9 +123,19 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.num_computed = 0
+        if seq.pooling is not None:
+            seq.pooling.reset()  # its chunks are computed again, and pooled again
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)  # its early arrival puts it ahead of later requests of its priority
+
+    def finish_pooled(self, plan: SchedulerOutput) -> list[Sequence]:
+        """The embedding inputs whose last chunk `plan` launched (after update_after_launch):
+        finished and freed now, their blocks back in the pool for the next step."""
+        done = [s.seq for s in plan.scheduled if s.seq.pooling is not None and s.seq.num_computed == s.seq.num_tokens]
+        for seq in done:
+            self.remove(seq)
+        return done
 
     def has_work(self) -> bool:
         """Whether any sequence is waiting or running."""
@@ -196,7 +207,11 @@ class Scheduler:
 
     def _start(self, seq: Sequence) -> int:
         """Tokens a waiting sequence without blocks starts with: its parent's prompt blocks
-        when the parent is running with its prompt computed, else the prefix cache's."""
+        when the parent is running with its prompt computed, else the prefix cache's. An
+        embedding input starts from nothing: its pooling needs every token's hidden state
+        (mean), which cached blocks would skip."""
+        if seq.pooling is not None:
+            return 0
         p = seq.parent
         if p is not None and p.status is SeqStatus.RUNNING and p.num_computed >= len(p.prompt_ids):
             return self.bm.fork(p, seq)

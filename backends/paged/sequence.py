@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from backends.generation import SamplingParams
 
 if TYPE_CHECKING:
+    from backends.embeddings import PoolState
     from backends.grammar import Constraint
 
 _arrival = itertools.count()
@@ -56,6 +57,9 @@ class Sequence:
     parent: Sequence | None = None
     # The grammar its output must follow (advanced by the scheduler with each token), or None.
     constraint: Constraint | None = None
+    # An embedding input: prefill only, its hidden rows pooled chunk by chunk (the model
+    # runner adds them), finished after its last chunk; it samples nothing. None: a generation.
+    pooling: PoolState | None = None
 
     @property
     def tokens(self) -> list[int]:

@@ -42,6 +42,10 @@ from backends.protocol import (
     CompletionChoice,
     CompletionRequest,
     ContextLengthExceeded,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     InvalidRequest,
     LoadReport,
     ModelCard,
@@ -303,6 +307,43 @@ class LiteLLMBackend:
             )
 
         return self._stream("atext_completion", kwargs, convert)
+
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """`litellm.aembedding`: input, dimensions, encoding_format and user passed on in
+        OpenAI's shape (a provider without one is a 400 naming it: drop_params off);
+        keep_alive and truncate, which no provider call takes, refused by name."""
+        for param in ("keep_alive", "truncate"):
+            if getattr(request, param) is not None:
+                raise InvalidRequest(f"{param} is not supported by backend {self.name!r} ({self.model})", param=param)
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "input": request.input if isinstance(request.input, list) else [request.input],
+            "timeout": self.total_timeout_s,
+            "num_retries": 0,
+            "drop_params": False,
+            **self.litellm_kwargs,
+        }
+        if self.api_key:
+            kwargs["api_key"] = self.api_key
+        if self.api_base:
+            kwargs["api_base"] = self.api_base
+        for field in ("dimensions", "user"):
+            value = getattr(request, field)
+            if value is not None:
+                kwargs[field] = value
+        if "encoding_format" in request.model_fields_set:
+            kwargs["encoding_format"] = request.encoding_format
+        raw = await self._call("aembedding", kwargs)
+        data = [
+            Embedding(index=int(_get(item, "index", i)), embedding=_get(item, "embedding"))
+            for i, item in enumerate(_get(raw, "data") or [])
+        ]
+        usage = _get(raw, "usage")
+        prompt = int(_get(usage, "prompt_tokens", 0) or 0)
+        total = _get(usage, "total_tokens")
+        return EmbeddingResponse(
+            data=data, model=request.model, usage=EmbeddingUsage(prompt_tokens=prompt, total_tokens=total if isinstance(total, int) else prompt)
+        )
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -34,6 +34,8 @@ from backends.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
     InvalidRequest,
     LoadReport,
     ModelCard,
@@ -196,6 +198,12 @@ class RemoteBackend:
         body = self._body(request, None, stream=True)
         return self._stream("/completions", body, lambda d, _: self._parse(Completion, d, request.model))
 
+    async def embeddings(self, request: EmbeddingRequest, body: bytes | None = None, *, first_byte_timeout_s: float | None = None) -> EmbeddingResponse:
+        """`POST {url}/embeddings`: the client's body (`body`; without it, `request`
+        serialised) with `model` rewritten; errors and timeouts as for a non-streamed chat."""
+        data = await self._post("/embeddings", self._body(request, body, stream=None), first_byte_timeout_s)
+        return self._parse(EmbeddingResponse, data, request.model)
+
     # -- Passthrough: the client's own body out, the upstream's own bytes back --------------------
 
     async def chat_raw(
@@ -221,9 +229,12 @@ class RemoteBackend:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _body(self, request: ChatCompletionRequest | CompletionRequest, raw: bytes | None, *, stream: bool) -> bytes:
+    def _body(
+        self, request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, raw: bytes | None, *, stream: bool | None
+    ) -> bytes:
         """The body to forward: the client's own JSON (`raw`; without it, `request`
-        serialised) with `model` rewritten."""
+        serialised) with `model` rewritten. `stream` None: a request that never streams
+        (embeddings), whose body is left as it is but for `model`."""
         data: Any = None
         if raw is not None:
             try:
@@ -233,11 +244,11 @@ class RemoteBackend:
         if not isinstance(data, dict):
             data = request.model_dump(mode="json", exclude_unset=True)
         data["model"] = self.model
-        if bool(data.get("stream")) != stream:
+        if stream is not None and bool(data.get("stream")) != stream:
             data["stream"] = stream
             if not stream:
                 data.pop("stream_options", None)  # OpenAI rejects it without stream
-        if stream and request.wants_usage_chunk():
+        if stream and not isinstance(request, EmbeddingRequest) and request.wants_usage_chunk():
             # The gateway turns usage on in the parsed request to reconcile token limits
             # (gateway.ratelimit's usage_for); the raw body does not know that.
             options = data.get("stream_options")

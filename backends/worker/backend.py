@@ -18,13 +18,19 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from backends import responses
+from backends.embeddings import build_response, embedding_only_message
 from backends.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    InvalidRequest,
     LoadReport,
     ModelCard,
     Overloaded,
@@ -162,6 +168,18 @@ class WorkerBackend:
             async for chunk in chunks:
                 yield chunk
 
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """Pooled in the worker (loaded on demand, `keep_alive` honoured as for a chat), the
+        answer back in one message; a client that leaves aborts it there."""
+        stream = await self._open("embeddings", request)
+        try:
+            answer = await stream.result()
+        except BaseException:
+            await stream.aclose()  # an Abort unless it already ended
+            raise
+        vectors = [np.frombuffer(v, dtype="<f4") for v in answer.vectors]
+        return build_response(request.model, vectors, answer.prompt_tokens, request.encoding_format)
+
     # -- residency ------------------------------------------------------------------------------------
 
     @property
@@ -190,8 +208,11 @@ class WorkerBackend:
 
     # -- internals --------------------------------------------------------------------------------------
 
-    async def _open(self, kind: str, request: ChatCompletionRequest | CompletionRequest) -> RequestStream:
-        """Submit a request to a loaded worker and wait until it was accepted."""
+    async def _open(self, kind: str, request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> RequestStream:
+        """Submit a request to a loaded worker and wait until it was accepted. A `task:
+        embed` backend refuses chat and completions before loading anything."""
+        if kind != "embeddings" and self.spec.task == "embed":
+            raise InvalidRequest(embedding_only_message(self.model_id), param="model")
         worker = await self._ensure_loaded()
         self._in_flight += 1
         self._cancel_timer()

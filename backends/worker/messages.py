@@ -12,7 +12,7 @@ import json
 import msgspec
 
 from backends.generation import GenerationDelta
-from backends.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TextContentPart
+from backends.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest, TextContentPart
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -23,6 +23,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     model: str
     model_id: str
     options: dict[str, object] = {}
+    task: str = "generate"  # "embed": an embedding model, serving embeddings only
 
 
 class _Message(msgspec.Struct, tag=True, tag_field="op"):
@@ -34,7 +35,7 @@ class _Message(msgspec.Struct, tag=True, tag_field="op"):
 
 class Submit(_Message):
     request_id: str
-    kind: str  # "chat" | "completions"
+    kind: str  # "chat" | "completions" | "embeddings"
     body: bytes  # the request's JSON, as validated by the gateway
 
 
@@ -80,6 +81,15 @@ class Delta(_Message):
     delta: GenerationDelta
 
 
+class Embedded(_Message):
+    """An embeddings request's answer, whole: each input's finished vector (normalised, cut
+    to `dimensions`) as little-endian float32 bytes, in input order."""
+
+    request_id: str
+    vectors: list[bytes]
+    prompt_tokens: int
+
+
 class Failed(_Message):
     """A request ended with an error (an OpenAI error's fields)."""
 
@@ -107,7 +117,7 @@ class Load(_Message):
     stats: dict[str, float] = {}
 
 
-FromWorker = Ready | LoadFailed | Started | Delta | Failed | Load
+FromWorker = Ready | LoadFailed | Started | Delta | Embedded | Failed | Load
 
 to_worker_encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(list[ToWorker])
@@ -116,6 +126,11 @@ from_worker_decoder = msgspec.msgpack.Decoder(list[FromWorker])
 
 
 # -- a Submit's body ------------------------------------------------------------------------------
+
+
+def decode_embedding_request(body: bytes) -> EmbeddingRequest:
+    """An embeddings Submit's request, validated as the gateway validated it."""
+    return EmbeddingRequest.model_validate_json(body)
 
 
 def decode_request(kind: str, body: bytes) -> ChatCompletionRequest | CompletionRequest:

@@ -108,6 +108,14 @@ class RequestStream:
                 self._waiter = None
         return self._items.popleft()
 
+    async def result(self) -> m.Embedded:
+        """An embeddings request's one answer (after `started()`), or its error."""
+        item = await self._next_item()
+        self._end()
+        if type(item) is m.Embedded:
+            return item
+        raise _as_error(item)
+
     async def started(self) -> None:
         """Wait until the worker accepted the request (or raise its error)."""
         item = await self._next_item()
@@ -273,7 +281,7 @@ class WorkerProcess:
             frame = await self._from.recv(copy=False)
             for message in decode(frame.buffer):
                 kind = type(message)
-                if kind is m.Delta or kind is m.Started or kind is m.Failed:
+                if kind is m.Delta or kind is m.Started or kind is m.Failed or kind is m.Embedded:
                     stream = streams.get(message.request_id)  # type: ignore[union-attr]
                     if stream is not None:
                         stream.put(message)

@@ -46,11 +46,11 @@ def build_backend(spec: m.WorkerSpec) -> LocalBackend:
     if spec.kind == "llamacpp":
         from backends.llamacpp.runner import LlamaCppBackend
 
-        return LlamaCppBackend(name=spec.name, model=spec.model, model_id=spec.model_id, **spec.options)
+        return LlamaCppBackend(name=spec.name, model=spec.model, model_id=spec.model_id, task=spec.task, **spec.options)
     if spec.kind == "paged":
         from backends.paged.backend import PagedBackend
 
-        return PagedBackend(name=spec.name, model=spec.model, model_id=spec.model_id, **spec.options)
+        return PagedBackend(name=spec.name, model=spec.model, model_id=spec.model_id, task=spec.task, **spec.options)
     raise ValueError(f"kind {spec.kind!r} has no engine worker")
 
 
@@ -192,6 +192,9 @@ class WorkerServer:
             self.send(self.load_message())
 
     async def _run(self, submit: m.Submit) -> None:
+        if submit.kind == "embeddings":
+            await self._run_embeddings(submit)
+            return
         rid = submit.request_id
         direct = False
         try:
@@ -228,6 +231,26 @@ class WorkerServer:
             self._tasks.pop(rid, None)
             if not direct:
                 self.send(self.load_message())  # rides with the last delta: fresh as the answer lands
+
+    async def _run_embeddings(self, submit: m.Submit) -> None:
+        """Tokenize and check in a thread, pool through the engine, answer in one message.
+        An Abort cancels this task, which stops the engine's work and frees what it holds."""
+        rid = submit.request_id
+        try:
+            request = m.decode_embedding_request(submit.body)
+            inputs = await asyncio.to_thread(self.backend.prepare_embeddings, request)
+            tokens = sum(map(len, inputs))
+            self.send(m.Started(rid, tokens))
+            self.send(self.load_message())
+            vectors = self.backend.finish_embeddings(request, await self.backend.embed_tokens(inputs))
+            self.send(m.Embedded(rid, [v.astype("<f4").tobytes() for v in vectors], tokens))
+        except asyncio.CancelledError:
+            pass  # aborted by the gateway: nobody is listening
+        except Exception as exc:
+            self.send(_failed(rid, exc, self.backend.name))
+        finally:
+            self._tasks.pop(rid, None)
+            self.send(self.load_message())
 
     def _prepare(self, submit: m.Submit) -> tuple[ChatCompletionRequest | CompletionRequest, Prepared]:
         """Validate, render, tokenize and check a request, in a thread: all of it grows with

@@ -49,11 +49,12 @@ def auth_for(tmp_path: Path, extra: str = "") -> tuple[Authenticator, FileKeySto
     return Authenticator(config, store), store
 
 
-def test_bearer_and_api_key_headers(tmp_path: Path) -> None:
+def test_bearer_api_key_and_x_api_key_headers(tmp_path: Path) -> None:
     auth, store = auth_for(tmp_path, "limits: {key: {rpm: 9}, tenants: {t: {tpm: 100}}}\n")
     secret, record = new_key("k", tenant="t", models=("m",))
     store.add(record)
-    for headers in ([(b"authorization", f"Bearer {secret}".encode())], [(b"api-key", secret.encode())]):
+    given = [(b"authorization", f"Bearer {secret}".encode())], [(b"api-key", secret.encode())], [(b"x-api-key", secret.encode())]
+    for headers in given:
         principal = asyncio.run(auth.authenticate(headers))
         assert principal.key_id == record.id and principal.may_use("m") and not principal.may_use("x")
         assert [(b.scope, b.tokens, b.rate.limit) for b in principal.buckets] == [("key", False, 9), ("tenant", True, 100)]

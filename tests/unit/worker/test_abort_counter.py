@@ -49,7 +49,9 @@ async def test_aborted_requests_are_counted_and_finished_ones_are_not(backend: W
     stream = backend.completion_stream(long_prompt(stream=True))
     await anext(stream)
     await stream.aclose()  # a streaming client left
-    await wait_for(lambda: backend.stats()[ABORTED] == 1)
+    # Both in one report: the count can land a step before the blocks come back, and a stale
+    # "blocks in use" would let the next wait pass before the next request has even been sent.
+    await wait_for(lambda: backend.stats()[ABORTED] == 1 and backend.load().kv_free_blocks == NUM_BLOCKS)
 
     waiting = asyncio.create_task(backend.completion(long_prompt(stream=False)))
     await wait_for(lambda: backend.load().kv_free_blocks < NUM_BLOCKS)  # it is generating
