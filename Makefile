@@ -77,9 +77,10 @@ serve: pull
 	$(VENV)/bin/turnout serve --host $(HOST) --port $(PORT)
 
 # Debian packages the tests start for real: redis-server (shared limits), nginx (the deploy
-# config in front of two gateways), openssl (its test certificate).
+# config in front of two gateways), openssl (its test certificate), chromium (the console's
+# browser tests, driven by Playwright with no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_DEPS := redis-server nginx openssl
+SYSTEM_DEPS := redis-server nginx openssl chromium
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do \
 	  command -v $$dep >/dev/null || [ -x /usr/sbin/$$dep ] || missing="$$missing $$dep"; done; \

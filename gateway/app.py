@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from opentelemetry.trace import TracerProvider
 
+from gateway import console
 from gateway.auth import AuthMiddleware
 from gateway.dialects import anthropic, ollama, responses
 from gateway.errors import install_error_handlers
@@ -71,6 +72,7 @@ def create_app(
     app.state.metrics = prometheus
     app.state.load_collector = load_collector
     app.include_router(router)
+    app.include_router(console.router)  # /console and /admin/console/ (gateway/console)
     for dialect in (anthropic, ollama, responses):  # documented in docs/api.md; the schema is OpenAI's API
         app.include_router(dialect.router, include_in_schema=False)
     install_error_handlers(app)

@@ -112,7 +112,8 @@ class Authenticator:
         tenant_spec = limits.tenants.get(tenant, limits.tenant)
         return buckets_for(prefix, key_id, tenant, key, tenant_spec, limits.burst_seconds)
 
-    def _principal(self, record: KeyRecord) -> Principal:
+    def principal(self, record: KeyRecord) -> Principal:
+        """What a key may do: its tenant, models, priority and rate-limit buckets."""
         default = self.config.limits.key
         spec = LimitSpec(
             rpm=record.rpm if record.rpm is not None else default.rpm,
@@ -145,7 +146,7 @@ class Authenticator:
         if cached is not None and cached[0] is record:
             principal = cached[1]
         else:
-            principal = self._principal(record)
+            principal = self.principal(record)
             self._cache[digest] = (record, principal, time.monotonic())
         if principal.expires is not None and time.time() >= principal.expires:
             raise AuthError(f"The API key {_redact(secret)} has expired.")

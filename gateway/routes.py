@@ -3,7 +3,6 @@ other dialects' routes are in gateway/dialects/."""
 
 from __future__ import annotations
 
-import hmac
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -11,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from backends.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList, ModelNotFound
+from gateway.admin_access import admin_refusal
 from gateway.auth import rate_limit
 from gateway.body import parse_body
 from gateway.errors import error_response
@@ -92,33 +92,10 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
 
-def _on_this_machine(request: Request) -> bool:
-    """Whether the caller is on this machine: its address (gateway.middleware's, which takes
-    X-Forwarded-For from `server.trusted_proxies` only) is loopback, and no proxy forwarded
-    the request (a proxy on loopback, nginx, fronts remote callers)."""
-    client = request.scope.get("state", {}).get("client_ip") or (request.client.host if request.client else "")
-    forwarded = "x-forwarded-for" in request.headers or "forwarded" in request.headers
-    return client in ("127.0.0.1", "::1") and not forwarded
-
-
-def _admin_refusal(request: Request, *, read_only: bool = False) -> JSONResponse | None:
-    """None when the caller holds the admin key; else the 401/403 to answer. With no admin
-    key configured, read-only admin pages still answer callers on loopback (a dev laptop)."""
-    key = request.app.state.runtime.admin_key()
-    if key is None:
-        if read_only and _on_this_machine(request):
-            return None
-        return error_response(403, "The admin API is off: set server.admin_key_env to the name of an environment variable holding the admin key.")
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        return error_response(401, "Invalid admin key.", code="invalid_api_key")
-    return None
-
-
 @router.post("/admin/reload")
 async def admin_reload(request: Request) -> JSONResponse:
     """Re-read the policy file now (also on SIGHUP and when the file changes)."""
-    refusal = _admin_refusal(request)
+    refusal = admin_refusal(request)
     if refusal is not None:
         return refusal
     applied, message = await request.app.state.runtime.reload("admin API")
@@ -130,7 +107,7 @@ async def admin_reload(request: Request) -> JSONResponse:
 @router.get("/admin/ps")
 async def admin_ps(request: Request) -> JSONResponse:
     """The local models: loaded or not, their worker process, memory and expiry (`turnout ps`)."""
-    refusal = _admin_refusal(request, read_only=True)
+    refusal = admin_refusal(request, read_only=True)
     if refusal is not None:
         return refusal
     return JSONResponse({"models": _registry(request).residents()})
@@ -143,7 +120,7 @@ async def openapi_json(request: Request) -> JSONResponse:
     404 of any unknown URL. No HTML docs pages: they load their assets from a CDN."""
     if not request.app.state.runtime.snapshot.config.server.api_docs:
         raise HTTPException(status_code=404)
-    refusal = _admin_refusal(request, read_only=True)
+    refusal = admin_refusal(request, read_only=True)
     if refusal is not None:
         return refusal
     return JSONResponse(request.app.openapi())

@@ -5,11 +5,13 @@ without dropping requests in flight."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,22 @@ log = logging.getLogger("turnout.runtime")
 WATCH_INTERVAL_S = 1.0
 RETIRE_GRACE_S = 600.0  # how long a removed backend may finish its streams before it is closed
 LIMITER_GRACE_S = 30.0  # how long a replaced limiter stays open for the settlements of requests in flight
+
+
+def policy_digest(config: Config) -> str:
+    """A short hash of the policy as validated (defaults filled in): equal digests, equal policies."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """One reload attempt, as the console shows it: when (wall clock), why, whether it
+    applied, and the error text when it was rejected."""
+
+    at: float
+    reason: str
+    applied: bool
+    message: str
 
 
 class GatewayRuntime:
@@ -58,6 +76,12 @@ class GatewayRuntime:
         self._config_mtime = config_path.stat().st_mtime if config_path else 0.0
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        # The policy serving now (digest, how many applied so far, since when) and the last
+        # reload attempt, applied or rejected: for the console (gateway.console).
+        self.policy_version = policy_digest(config)
+        self.policy_generation = 1
+        self.policy_applied_at = time.time()
+        self.last_reload: ReloadOutcome | None = None
 
     # -- telemetry ---------------------------------------------------------------------------
 
@@ -104,7 +128,12 @@ class GatewayRuntime:
         """Re-read the policy file and build a whole new snapshot from it; swap it in only when
         every part was built (new backends started first). An invalid policy, or one that
         changes what needs a restart, is logged with what is wrong, counted, and the old
-        snapshot keeps serving."""
+        snapshot keeps serving. Either way the attempt is kept in `last_reload`."""
+        applied, message = await self._reload(reason)
+        self.last_reload = ReloadOutcome(time.time(), reason, applied, message)
+        return applied, message
+
+    async def _reload(self, reason: str) -> tuple[bool, str]:
         if self.config_path is None:
             return False, "this gateway runs the embedded default config; start it with --config FILE to reload"
         async with self._reload_lock:
@@ -131,6 +160,9 @@ class GatewayRuntime:
                 return False, str(exc)
             # Requests in flight keep the snapshot they started with.
             self.snapshot = Snapshot(config, authenticator, limiter, dispatcher, sample_log_path(config))
+            self.policy_version = policy_digest(config)
+            self.policy_generation += 1
+            self.policy_applied_at = time.time()
             if limiter is not previous.limiter:
                 self.spawn(self._retire_limiter(previous.limiter))
             for backend in retired:

@@ -12,16 +12,16 @@ Models are the gateway's routes; `name:latest` names a route `name` without a ta
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from backends import models as store
 from backends.protocol import APIError, ModelNotFound, parse_keep_alive
 from backends.worker.backend import WorkerBackend
+from gateway.admin_access import admin_refusal
 from gateway.auth import rate_limit
 from gateway.body import parse_body
 from gateway.dialects.ollama_models import LATEST, ModelFacts, facts, tagged
@@ -270,25 +270,12 @@ async def running() -> PlainTextResponse:
 # -- pull ----------------------------------------------------------------------------------------
 
 
-def _admin_refusal(request: Request) -> JSONResponse | None:
-    """None when the caller holds the admin key; else Ollama's 401 or 403."""
-    key = request.app.state.runtime.admin_key()
-    if key is None:
-        return error_response(
-            403, "The admin API is off: set server.admin_key_env to the name of an environment variable holding the admin key.", dialect="ollama"
-        )
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        return error_response(401, "Invalid admin key.", dialect="ollama")
-    return None
-
-
 @router.post("/api/pull", response_model=None)
 async def pull(request: Request) -> Response:
     """`turnout pull NAME` for the admin key: Ollama's progress records, streamed unless
     `stream` is false, ending with {"status": "success"}. The pull runs in a thread; a
     client that leaves does not stop it (the download completes into the store)."""
-    refusal = _admin_refusal(request)
+    refusal = admin_refusal(request, dialect="ollama")
     if refusal is not None:
         return refusal
     body, _ = await parse_body(request, PullRequest)
