@@ -7,6 +7,7 @@ pipelining-safe. It answers
 - `POST /v1/chat/completions` and `POST /v1/completions`, streamed (SSE over chunked
   transfer encoding, a usage chunk when `stream_options.include_usage`, then `[DONE]`) or not;
   `max_tokens` (default 16) tokens of "tok", at once or at `--tokens-per-s`;
+- `POST /v1/embeddings`: a fixed unit vector per input (float or base64);
 - `GET /v1/models`, `GET /metrics` (vLLM-named load gauges, all idle), `GET /healthz`.
 
     .venv/bin/python -m gateway.bench.fake_upstream --port 9100 [--tokens-per-s 0] [--model fake]
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import struct
 import time
 from typing import Any
 
 DEFAULT_MAX_TOKENS = 16
+EMBEDDING_DIMS = 8
 METRICS = (
     b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0\n"
     b"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0\n"
@@ -68,6 +72,21 @@ class Upstream:
                 "id": "cmpl-fake", "object": "text_completion", "created": created, "model": self.model,
                 "choices": [{"index": 0, "text": text, "finish_reason": "length"}], "usage": usage,
             }  # fmt: skip
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def embeddings(self, request: dict[str, Any], prompt_tokens: int) -> bytes:
+        """One unit vector (EMBEDDING_DIMS) per input, as floats or base64 float32."""
+        given = request.get("input")
+        count = len(given) if isinstance(given, list) and given and isinstance(given[0], (str, list)) else 1
+        vector = [1.0] + [0.0] * (EMBEDDING_DIMS - 1)
+        packed: Any = vector
+        if request.get("encoding_format") == "base64":
+            packed = base64.b64encode(struct.pack(f"<{EMBEDDING_DIMS}f", *vector)).decode()
+        body = {
+            "object": "list", "model": self.model,
+            "data": [{"object": "embedding", "index": i, "embedding": packed} for i in range(count)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }  # fmt: skip
         return json.dumps(body, separators=(",", ":")).encode()
 
     def events(self, chat: bool, n: int, prompt_tokens: int, usage: bool) -> list[bytes]:
@@ -163,13 +182,15 @@ class _Connection(asyncio.Protocol):
             if path in (b"/healthz", b"/health"):
                 return _response(b"200 OK", b'{"status":"ok"}')
             return _response(b"404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}')
-        if path not in (b"/v1/chat/completions", b"/v1/completions"):
+        if path not in (b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"):
             return _response(b"404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}')
         try:
             request = json.loads(body)
         except ValueError:
             return _response(b"400 Bad Request", b'{"error":{"message":"bad json","type":"invalid_request_error"}}')
         up.served += 1
+        if path == b"/v1/embeddings":
+            return _response(b"200 OK", up.embeddings(request, max(1, len(body) // 4)))
         chat = path == b"/v1/chat/completions"
         n = int(request.get("max_tokens") or request.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
         prompt_tokens = max(1, len(body) // 4)
@@ -195,7 +216,8 @@ class _Connection(asyncio.Protocol):
             self._busy = True
             try:
                 method, path, body = item
-                answer = self._plain(method, path, body) if not up.interval or method == b"GET" else None
+                unpaced = not up.interval or method == b"GET" or path.split(b"?", 1)[0] == b"/v1/embeddings"
+                answer = self._plain(method, path, body) if unpaced else None
                 if answer is not None:
                     self.transport.write(answer)
                     continue
