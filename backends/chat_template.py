@@ -50,11 +50,26 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     tools: list[ToolDefinition] | None = None,
 ) -> str:
     """Render messages (and the tools offered, with their call history) into the prompt text
     the model was trained on: through the template itself where it renders tools, else with
-    turnout's fallback tool prompt (backends.tools.prompt)."""
+    turnout's fallback tool prompt (backends.tools.prompt).
+
+    `continue_final_message`: the prompt ends inside the final (assistant) message, right
+    after its content, so that the model goes on with it (as HF's and vLLM's option: the
+    rendered text is cut after the content's last occurrence; an empty one is a new turn)."""
+    if continue_final_message:
+        final = messages[-1].text()
+        if not final:
+            return render_chat(template, messages[:-1], bos_token=bos_token, eos_token=eos_token, tools=tools)
+        rendered = render_chat(template, messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=False, tools=tools)
+        for content in (final, final.strip()):  # some templates trim the content
+            cut = rendered.rfind(content) if content else -1
+            if cut >= 0:
+                return rendered[: cut + len(content)]
+        raise InvalidRequest("the model's chat template does not render the final message's content as given, so it cannot be continued", param="messages")
     source = template or CHATML_TEMPLATE
     plain, tool_list = template_messages(messages, tools or [], native=template_format(source) is not None)
     context: dict[str, Any] = {}

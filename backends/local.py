@@ -188,11 +188,24 @@ class LocalBackend(abc.ABC):
             assert isinstance(request, ChatCompletionRequest)
             template, bos, eos = self.chat_template()
             tools = request.tools_in_use()
-            prompt = render_chat(template, request.messages, bos_token=bos, eos_token=eos, tools=tools)
+            prompt = render_chat(
+                template,
+                request.messages,
+                bos_token=bos,
+                eos_token=eos,
+                add_generation_prompt=request.generation_prompt(),
+                continue_final_message=bool(request.continue_final_message),
+                tools=tools,
+            )
             self.check_length_estimate(len(prompt), request.output_limit(), "messages")
             tool_format = (template_format(template) or HERMES) if tools else None  # HERMES: the fallback prompt's
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
             grammar = chat_grammar(request, tool_format)
+            if grammar is not None and request.continue_final_message:
+                # The grammar would start over at the continuation, not where the message stands.
+                raise InvalidRequest(
+                    f"continue_final_message cannot be combined with constrained output ({grammar[1]})", param="continue_final_message"
+                )
             return Prepared(self._generation(request, self.tokenize(prompt), request.output_limit(), logprobs, grammar), prompt, tool_format)
         assert isinstance(request, CompletionRequest)
         single = request.single_prompt()

@@ -189,6 +189,9 @@ class ChatMessage(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    # vLLM's extension: usage so far on every chunk (the gateway asks for it where a route
+    # may resume a stream elsewhere: it needs the prompt's token count before the end).
+    continuous_usage_stats: bool = False
 
 
 class JsonSchemaFormat(_Request):
@@ -321,6 +324,11 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's extensions: render the chat without the assistant's generation prompt, and
+    # continue the final (assistant) message rather than start a new one. The gateway's
+    # stream resume (gateway/resume.py) sends these to the backend that takes over.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
 
     @field_validator("tools")
     @classmethod
@@ -340,6 +348,20 @@ class ChatCompletionRequest(_SamplingFields):
         if isinstance(v, NamedToolChoice) and names and v.function.name not in names:
             raise ValueError(f"tool_choice names function {v.function.name!r}, which is not among the tools ({', '.join(names)})")
         return v
+
+    @model_validator(mode="after")
+    def _continues_an_assistant(self) -> ChatCompletionRequest:
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message needs the last message to be the assistant's")
+        return self
+
+    def generation_prompt(self) -> bool:
+        """Whether the rendered chat ends with the assistant's generation prompt (HF's
+        add_generation_prompt: on unless turned off, and off when continuing)."""
+        return self.add_generation_prompt is not False and not self.continue_final_message
 
     def output_limit(self) -> int | None:
         """max_completion_tokens wins over the deprecated max_tokens, as in OpenAI."""
@@ -549,7 +571,8 @@ class RawChunk:
     data: bytes
     usage: Usage | None = None
     has_choices: bool = True
-    has_text: bool = False
+    has_text: bool = False  # generated text or a tool call
+    text: str = ""  # the generated text (a chat delta's content, a completion's text)
 
 
 class CompletionLogprobs(_Response):
@@ -801,6 +824,10 @@ class Passthrough(Protocol):
     def chat_stream_raw(self, request: ChatCompletionRequest, body: bytes) -> AsyncIterator[RawChunk]: ...
 
     def completion_stream_raw(self, request: CompletionRequest, body: bytes) -> AsyncIterator[RawChunk]: ...
+
+    async def embeddings_raw(
+        self, request: EmbeddingRequest, body: bytes, *, first_byte_timeout_s: float | None = None
+    ) -> EmbeddingResponse: ...
 
 
 @runtime_checkable

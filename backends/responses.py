@@ -103,6 +103,8 @@ async def chat_chunks(
     each tool call comes as a delta with its id, type and name, then its arguments)."""
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
+    continuous = _continuous_usage(request)
+
     def chunk(index: int, delta: ChunkDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=chunk_id,
@@ -116,6 +118,7 @@ async def chat_chunks(
                     logprobs=_chat_logprobs(logprobs) if request.logprobs and logprobs else None,
                 )
             ],
+            usage=usage(prompt_tokens, completion_tokens) if continuous else None,
         )
 
     def call_chunks(index: int, calls: list[ParsedCall]) -> list[ChatCompletionChunk]:
@@ -180,6 +183,8 @@ async def completion_chunks(
     """A text completion as OpenAI's stream of chunks."""
     chunk_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
+    continuous = _continuous_usage(request)
+
     def chunk(index: int, text: str, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> Completion:
         return Completion(
             id=chunk_id,
@@ -193,6 +198,7 @@ async def completion_chunks(
                     logprobs=_completion_logprobs(logprobs) if request.logprobs is not None and logprobs else None,
                 )
             ],
+            usage=usage(prompt_tokens, completion_tokens) if continuous else None,
         )
 
     started = [False] * (request.n or 1)
@@ -208,6 +214,11 @@ async def completion_chunks(
                 yield chunk(i, delta.text, delta.finish_reason, delta.logprobs)
     if request.wants_usage_chunk():
         yield Completion(id=chunk_id, created=created, model=request.model, choices=[], usage=usage(prompt_tokens, completion_tokens))
+
+
+def _continuous_usage(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """vLLM's `stream_options.continuous_usage_stats`: usage so far on every chunk."""
+    return bool(request.stream_options and request.stream_options.include_usage and request.stream_options.continuous_usage_stats)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

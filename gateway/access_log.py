@@ -42,6 +42,7 @@ def access_record(outcome: RequestOutcome, *, log_prompts: bool = False) -> dict
         "ttft_ms": _ms(outcome.ttft_s),
         "tpot_ms": _ms(outcome.tpot_s),
         "e2e_ms": _ms(outcome.e2e_s),
+        "resumed_from": outcome.resumed_from or None,
     }
     if log_prompts and outcome.prompt is not None:
         record["prompt"] = outcome.prompt

@@ -87,6 +87,11 @@ class Lease:
             done, self._on_release = self._on_release, None
             done()
 
+    def pass_slot(self, to: Lease) -> None:
+        """Move this call's admission slot to `to`: a stream resumed on another backend
+        keeps its place (gateway.resume)."""
+        to._on_release, self._on_release = self._on_release, None
+
 
 class Dispatcher:
     """One policy's routing state. A reload builds a new Dispatcher from the old one: the
@@ -106,6 +111,7 @@ class Dispatcher:
         self.config = config
         self.backends = backends
         self.weights = {b.name: b.weight for b in config.backends}
+        self.served_model = {b.name: b.model for b in config.backends}  # what each backend serves (stream resume)
         circuit = config.circuit
         self.tracker = previous.tracker if previous else LoadTracker(clock=clock)
         self.board = previous.board if previous else CircuitBoard(
@@ -327,6 +333,25 @@ class Dispatcher:
                 continue
             breaker.record_success(self.clock())
             return lease, result
+
+    async def resume(
+        self,
+        alias: str,
+        attempt: Callable[[Backend, Route], Awaitable[T]],
+        features: RequestFeatures,
+        members: Sequence[str],
+        failed: frozenset[str],
+        tracing: Tracing | None = None,
+        span: Any = None,
+    ) -> tuple[Lease, T]:
+        """Run `attempt`, a failed stream's continuation, on a backend of `members` that serves
+        the model the `failed` ones served, and is not one of them. No admission (the stream
+        keeps its slot) and no fallback aliases (another model would not continue the text)."""
+        models = {self.served_model[name] for name in failed}
+        candidates = [n for n in members if n not in failed and self.served_model.get(n) in models]
+        if not candidates:
+            raise NoReplicaAvailable(f"no other backend of model {alias!r} serves {', '.join(sorted(models))}")
+        return await self._try_pool(self.route(alias), candidates, attempt, features, tracing, span)
 
     def healthy(self) -> bool:
         """Ready when every alias has at least one backend that is up."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -28,16 +28,16 @@ from backends.protocol import (
     Embeds,
     EmbeddingRequest,
     InvalidRequest,
-    StreamOptions,
     UpstreamTimeout,
 )
 from gateway.auth import rate_limit
 from gateway.body import prompt_token_estimate
 from gateway.dialects.base import Dialect, OpenAIDialect
-from gateway.dispatch import Dispatcher, Lease, Route
+from gateway.dispatch import Dispatcher, Route
 from gateway.errors import CLIENT_CLOSED, status_of
 from gateway.outcome import RequestOutcome
 from gateway.ratelimit import NO_RESERVATION, NoReservation, TokenReservation
+from gateway.resume import Resumer, Serving, ask_for_usage, resumable
 from gateway.runtime import GatewayRuntime
 from gateway.snapshot import Snapshot
 from gateway.streaming import ChunkStream, first_chunk
@@ -97,14 +97,24 @@ async def generate(kind: Kind, body: Body, raw: bytes, request: Request, dialect
         pool, headers = _assign_variant(runtime, dispatcher, kind, body, forward, request, outcome, principal)
         features = _features(dispatcher, body, principal, prompt_estimate)
         if not isinstance(body, EmbeddingRequest) and body.stream:
-            body.stream_options = StreamOptions(include_usage=True)  # usage for limits and metrics
+            route = dispatcher.route(body.model)
+            may_resume = route.config.resume and resumable(body)
+            # Usage for limits and metrics; on every chunk where the stream may resume.
+            client_continuous = ask_for_usage(body, continuous=may_resume)
             lease, (first, rest, backend_span) = await dispatcher.call(
                 body.model, lambda b, r: _open_stream(kind, dispatcher, b, r, body, forward, tracing, span), features, pool, tracing, span
             )
             outcome.backend = lease.name
-            deadline = asyncio.get_running_loop().time() + dispatcher.route(body.model).config.timeouts.total_s
-            on_close = partial(_close_stream, runtime, outcome, reservation, lease, span, backend_span)
-            chunks = ChunkStream(first, rest, deadline=deadline, dialect=dialect, outcome=outcome, on_close=on_close)
+            serving = Serving(lease, backend_span)
+            resumer = None
+            if may_resume:
+                members = pool or route.config.backends
+                reopen = partial(_reopen, kind, dispatcher, body.model, features, members, tracing, span)
+                resumer = Resumer(body, serving, reopen, client_continuous=client_continuous)
+            deadline = asyncio.get_running_loop().time() + route.config.timeouts.total_s
+            current = (lambda: resumer.serving) if resumer is not None else (lambda: serving)
+            on_close = partial(_close_stream, runtime, outcome, reservation, current, span)
+            chunks = ChunkStream(first, rest, deadline=deadline, dialect=dialect, outcome=outcome, on_close=on_close, resume=resumer)
             handed_to_stream = True
             headers["endpoint-load-metrics"] = lease.backend.load().to_header()
             return chunks.response(headers)
@@ -153,13 +163,16 @@ def _close_stream(
     runtime: GatewayRuntime,
     outcome: RequestOutcome,
     reservation: TokenReservation | NoReservation,
-    lease: Lease,
+    current: Callable[[], Serving],
     span: Any,
-    backend_span: Any,
     error: BaseException | None,
 ) -> None:
-    """A stream's bookkeeping once it ended, however it ended (ChunkStream's `on_close`)."""
-    lease.release()
+    """A stream's bookkeeping once it ended, however it ended (ChunkStream's `on_close`).
+    `current`: where it is served at the end (another backend, if it resumed there)."""
+    serving = current()
+    serving.lease.release()
+    outcome.backend = serving.lease.name
+    backend_span = serving.span
     if error is not None:
         status, outcome.error_code = status_of(error)
         if status == CLIENT_CLOSED:
@@ -271,8 +284,8 @@ def _shadow(
             )
             lease.release()
             outcome.first_token_at = time.perf_counter()
-            if result.usage is not None:
-                outcome.prompt_tokens, outcome.completion_tokens = result.usage.prompt_tokens, result.usage.completion_tokens
+            if result.usage is not None:  # an embedding's usage has no completion_tokens: total less prompt is 0
+                outcome.prompt_tokens, outcome.completion_tokens = result.usage.prompt_tokens, result.usage.total_tokens - result.usage.prompt_tokens
         except Exception as exc:
             outcome.status, outcome.error_code = status_of(exc)
         outcome.finish()
@@ -297,17 +310,14 @@ async def _answer(
             try:
                 async with asyncio.timeout(timeouts.total_s):
                     forward = dispatcher.passthrough.get(backend.name) if raw is not None else None
-                    if isinstance(body, EmbeddingRequest):
+                    first = timeouts.first_token_s
+                    if forward is not None:  # the client's own bytes go upstream
+                        raw_call = {"chat": forward.chat_raw, "completions": forward.completion_raw, "embeddings": forward.embeddings_raw}[kind]
+                        work = raw_call(body, raw, first_byte_timeout_s=first)  # type: ignore[operator]
+                    elif isinstance(body, EmbeddingRequest):
                         if not isinstance(backend, Embeds):
                             raise InvalidRequest(f"backend {backend.name!r} cannot embed", param="model")
                         work = backend.embeddings(body)
-                    elif forward is not None:  # the client's own bytes go upstream
-                        first = timeouts.first_token_s
-                        work = (
-                            forward.chat_raw(body, raw, first_byte_timeout_s=first)  # type: ignore[arg-type]
-                            if kind == "chat"
-                            else forward.completion_raw(body, raw, first_byte_timeout_s=first)  # type: ignore[arg-type]
-                        )
                     else:
                         work = backend.chat(body) if kind == "chat" else backend.completion(body)  # type: ignore[arg-type]
                     return await work, bspan
@@ -345,6 +355,23 @@ async def _open_stream(
         Tracing.fail(bspan, str(exc))
         _end(bspan)
         raise
+
+
+async def _reopen(
+    kind: Kind,
+    dispatcher: Dispatcher,
+    alias: str,
+    features: RequestFeatures,
+    members: list[str],
+    tracing: Tracing,
+    parent: Any,
+    continuation: Body,
+    failed: frozenset[str],
+) -> tuple[Any, AsyncIterator[Any], Serving]:
+    """A failed stream's continuation, opened on another backend (gateway.resume's `Reopen`)."""
+    attempt = partial(_open_stream, kind, dispatcher, body=continuation, raw=None, tracing=tracing, parent=parent)
+    lease, (first, rest, backend_span) = await dispatcher.resume(alias, attempt, features, members, failed, tracing, parent)
+    return first, rest, Serving(lease, backend_span)
 
 
 def _timed_out(backend: Backend, what: str, deadline: str, seconds: float) -> UpstreamTimeout:

@@ -165,6 +165,10 @@ class GatewayMetrics:
             "turnout_admission_wait_seconds", "Time admitted requests waited for a slot.",
             ["model"], buckets=TTFT_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.resumes = Counter(
+            "turnout_stream_resumes", "Streams that went on, on another backend, after theirs failed (routes with resume).",
+            ["model", "backend"], registry=registry,
+        )  # fmt: skip
         self.loop_lag = Histogram(
             "turnout_event_loop_lag_seconds", "How late the event loop woke a task sleeping 100 ms (gateway.loop_lag).",
             buckets=LOOP_LAG_BUCKETS, registry=registry,
@@ -198,6 +202,8 @@ class GatewayMetrics:
             self._child(self.tpot, model, backend, variant).observe(outcome.tpot_s)
         if outcome.prompt_tokens:
             self._child(self.tokens, model, backend, variant, "in").inc(outcome.prompt_tokens)
+        for left in outcome.resumed_from:
+            self._child(self.resumes, model, left).inc()
         if outcome.completion_tokens:
             self._child(self.tokens, model, backend, variant, "out").inc(outcome.completion_tokens)
         if outcome.backend is None and outcome.status in (403, 429, 503):

@@ -32,6 +32,7 @@ class RequestOutcome:
     client_ip: str | None = None
     trace_id: str | None = None
     prompt: str | None = None  # only when the config says prompts may be logged
+    resumed_from: list[str] = field(default_factory=list)  # backends a stream failed on and left (gateway.resume)
 
     def first_token(self) -> None:
         """Mark the first generated token (once)."""

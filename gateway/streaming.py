@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from backends.protocol import APIError, ChatCompletionChunk, Completion, RawChunk, UpstreamError
 from gateway.dialects.base import Dialect
 from gateway.outcome import RequestOutcome
+from gateway.resume import Resumer
 
 log = logging.getLogger("turnout.streaming")
 
@@ -60,6 +61,7 @@ class ChunkStream:
         dialect: Dialect,
         outcome: RequestOutcome,
         on_close: Callable[[BaseException | None], None],
+        resume: Resumer | None = None,
     ) -> None:
         self.first = first
         self.rest = rest
@@ -67,6 +69,7 @@ class ChunkStream:
         self.dialect = dialect
         self.outcome = outcome
         self.on_close = on_close
+        self.resume = resume
         self.error: BaseException | None = None
         self._closed = False
 
@@ -92,10 +95,16 @@ class ChunkStream:
             raise
 
     async def _chunks(self) -> AsyncIterator[Any]:
-        """The backend's chunks, the first one included, until the end or the deadline."""
-        self._note(self.first)
-        yield self.first
+        """The backend's chunks, the first one included, until the end or the deadline. With
+        `resume`, a backend that fails is taken over by another (gateway.resume)."""
+        item = self.first
+        resume = self.resume
         while True:
+            if resume is not None:
+                item = resume.observe(item)
+            if item is not None:
+                self._note(item)
+                yield item
             try:
                 async with asyncio.timeout_at(self.deadline):
                     item = await anext(self.rest)
@@ -103,8 +112,17 @@ class ChunkStream:
                 return
             except TimeoutError:
                 raise UpstreamError("The generation exceeded the route's total timeout.") from None
-            self._note(item)
-            yield item
+            except Exception as exc:
+                if resume is None or not resume.can_take_over(exc):
+                    raise
+                await _aclose(self.rest)
+                left = resume.serving.lease.name
+                try:
+                    async with asyncio.timeout_at(self.deadline):
+                        item, self.rest = await resume.take_over(exc)
+                except TimeoutError:
+                    raise UpstreamError("The generation exceeded the route's total timeout.") from None
+                self.outcome.resumed_from.append(left)
 
     def _note(self, item: Any) -> None:
         """Note the first token and the usage. Chunks are models (in-process backends) or

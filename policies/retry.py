@@ -73,6 +73,13 @@ def counts_against_backend(outcome: Outcome) -> bool:
     return outcome in BACKEND_FAULTS
 
 
+def may_resume(outcome: Outcome) -> bool:
+    """May a stream whose backend failed after bytes reached the client go on elsewhere (a
+    route with `resume: true`, gateway.resume)? When the backend failed, not the request:
+    a continuation sends nothing twice, so the rule above is not broken."""
+    return outcome in BACKEND_FAULTS
+
+
 def is_retryable(outcome: Outcome, *, first_byte_sent: bool) -> bool:
     """May an attempt that ended so be tried again? Never once the client got bytes."""
     return not first_byte_sent and outcome in RETRYABLE

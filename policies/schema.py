@@ -216,6 +216,9 @@ class RouteConfig(_Section):
     # The largest max_tokens a request may ask for (a 400 past it). None: the model's context
     # length where its backends report one (a remote's /v1/models `max_model_len`).
     max_tokens: int | None = Field(default=None, ge=1)
+    # A stream whose backend dies goes on, on another backend of the pool serving the same
+    # model, as one stream to the client (gateway/resume.py).
+    resume: bool = False
 
     @model_validator(mode="after")
     def _known_strategy(self) -> RouteConfig:
@@ -244,6 +247,10 @@ class Config(_Section):
             for j, backend in enumerate(route.backends):
                 if backend not in names:
                     raise Located(f"route {route.model!r} names unknown backends [{backend!r}]", "routes", i, "backends", j)
+            kinds = {b.name: b.kind for b in self.backends}
+            if route.resume and any(kinds.get(b) == "litellm" for b in route.backends):
+                # A provider behind litellm cannot continue a message (continue_final_message).
+                raise Located(f"route {route.model!r}: resume needs backends that can continue a message; litellm backends cannot", "routes", i, "resume")
         if isinstance(self.auth, AuthConfig) and self.auth.store == "redis" and self.redis is None:
             raise Located("keys kept in redis need a `redis` section (url, timeout_ms, fail_mode)", "auth", "store")
         aliases = self.aliases()

@@ -62,7 +62,7 @@ T = TypeVar("T")
 _FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "tool_calls", "function_call": "tool_calls"}
 _litellm: Any = None
 # Request fields this backend neither passes to litellm nor reads back from its answers.
-_UNFORWARDED = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias", "logprobs", "top_logprobs", "echo")
+_UNFORWARDED = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias", "logprobs", "top_logprobs", "echo", "continue_final_message")
 # The first parameter litellm's UnsupportedParamsError names ("... does not support parameters: ['seed'], ...").
 _UNSUPPORTED = re.compile(r"does not support parameters: \[\s*'([^']+)'")
 
@@ -353,6 +353,13 @@ class LiteLLMBackend:
         for param in _UNFORWARDED:  # what this backend does not pass on or read back: refused, never dropped
             if getattr(request, param, None) not in (None, False):
                 raise InvalidRequest(f"{param} is not supported by backend {self.name!r} ({self.model})", param=param)
+        if getattr(request, "add_generation_prompt", None) is False:
+            raise InvalidRequest(f"add_generation_prompt is not supported by backend {self.name!r} ({self.model})", param="add_generation_prompt")
+        if request.stream_options is not None and request.stream_options.continuous_usage_stats:
+            raise InvalidRequest(
+                f"stream_options.continuous_usage_stats is not supported by backend {self.name!r} ({self.model})",
+                param="stream_options.continuous_usage_stats",
+            )
         kwargs: dict[str, Any] = {
             "model": self.model,
             "timeout": self.total_timeout_s,

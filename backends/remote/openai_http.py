@@ -198,11 +198,9 @@ class RemoteBackend:
         body = self._body(request, None, stream=True)
         return self._stream("/completions", body, lambda d, _: self._parse(Completion, d, request.model))
 
-    async def embeddings(self, request: EmbeddingRequest, body: bytes | None = None, *, first_byte_timeout_s: float | None = None) -> EmbeddingResponse:
-        """`POST {url}/embeddings`: the client's body (`body`; without it, `request`
-        serialised) with `model` rewritten; errors and timeouts as for a non-streamed chat."""
-        data = await self._post("/embeddings", self._body(request, body, stream=None), first_byte_timeout_s)
-        return self._parse(EmbeddingResponse, data, request.model)
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """`POST {url}/embeddings` of `request` serialised (a dialect's translation)."""
+        return await self.embeddings_raw(request, None)
 
     # -- Passthrough: the client's own body out, the upstream's own bytes back --------------------
 
@@ -227,6 +225,14 @@ class RemoteBackend:
         forwarded = self._body(request, body, stream=True)
         return self._stream("/completions", forwarded, self._raw_parser(Completion, request.model))
 
+    async def embeddings_raw(
+        self, request: EmbeddingRequest, body: bytes | None, *, first_byte_timeout_s: float | None = None
+    ) -> EmbeddingResponse:
+        """`POST {url}/embeddings`: the client's body (`body`; without it, `request`
+        serialised) with `model` rewritten; errors and timeouts as for a non-streamed chat."""
+        data = await self._post("/embeddings", self._body(request, body, stream=None), first_byte_timeout_s)
+        return self._parse(EmbeddingResponse, data, request.model)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _body(
@@ -250,10 +256,12 @@ class RemoteBackend:
                 data.pop("stream_options", None)  # OpenAI rejects it without stream
         if stream and not isinstance(request, EmbeddingRequest) and request.wants_usage_chunk():
             # The gateway turns usage on in the parsed request to reconcile token limits
-            # (gateway.ratelimit's usage_for); the raw body does not know that.
+            # (gateway.ratelimit's usage_for), and usage on every chunk where the route may
+            # resume the stream (gateway.resume); the raw body does not know that.
+            wanted = request.stream_options.model_dump(exclude_defaults=True)  # type: ignore[union-attr]
             options = data.get("stream_options")
-            if not isinstance(options, dict) or not options.get("include_usage"):
-                data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            if not isinstance(options, dict) or any(options.get(k) != v for k, v in wanted.items()):
+                data["stream_options"] = {**(options if isinstance(options, dict) else {}), **wanted}
         text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         try:
             return text.encode()
@@ -308,15 +316,19 @@ class RemoteBackend:
                     data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
             choices = obj.get("choices")
             usage = obj.get("usage")
-            text = False
+            text, calls = None, None
             if choices and isinstance(choices, list) and isinstance(choices[0], dict):
                 delta = choices[0].get("delta")
-                text = bool(delta.get("content") or delta.get("tool_calls") if isinstance(delta, dict) else choices[0].get("text"))
+                if isinstance(delta, dict):
+                    text, calls = delta.get("content"), delta.get("tool_calls")
+                else:
+                    text = choices[0].get("text")
             return RawChunk(
                 data,
                 usage=Usage.model_validate(usage) if isinstance(usage, dict) and usage else None,
                 has_choices=bool(choices),
-                has_text=text,
+                has_text=bool(text or calls),
+                text=text if isinstance(text, str) else "",
             )
 
         return parse

@@ -73,8 +73,9 @@ def resolve(request: Request, name: str) -> str:
     """The route a model name asks for: the name itself, or without its `:latest` tag.
     Unknown (or not this key's): Ollama's 404."""
     routes = _snapshot(request).dispatcher.routes
+    principal = request.scope["state"].get("principal")
     for alias in (name, name.removesuffix(LATEST)):
-        if alias in routes:
+        if alias in routes and (principal is None or principal.may_use(alias)):
             return alias
     raise ModelNotFound(f"model '{name}' not found", param="model")
 

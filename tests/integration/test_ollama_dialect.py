@@ -14,6 +14,7 @@ import ollama
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.keys import new_key
 from tests.integration.dialect_servers import *  # noqa: F403
 from tests.integration.dialect_servers import LLAMA, MODELS, PAGED, REMOTE_LLAMA, AuthGateway, Served
 
@@ -169,6 +170,20 @@ def test_with_keys_a_wrong_key_is_401_and_over_the_limit_429(auth_gateway: AuthG
     assert caught.value.status_code == 429
     assert httpx.get(url + "/api/version").status_code == 200  # public, as in Ollama
     assert httpx.post(url + "/api/pull", json={"model": "smollm2-135m"}, headers={"Authorization": "Bearer " + auth_gateway.secret}).status_code == 403
+
+
+def test_a_model_the_key_may_not_use_is_not_found_on_every_route(auth_gateway: AuthGateway) -> None:
+    secret, record = new_key("elsewhere", models=("another-model",))
+    auth_gateway.store.add(record)
+    headers, url = {"Authorization": "Bearer " + secret}, auth_gateway.server.url
+    asks = [
+        ("/api/show", {"model": REMOTE_LLAMA}),
+        ("/api/embed", {"model": REMOTE_LLAMA, "input": []}),  # an empty embed only loads the model
+        ("/api/generate", {"model": REMOTE_LLAMA, "keep_alive": 0}),  # an empty prompt unloads it
+        ("/api/chat", {"model": REMOTE_LLAMA, "messages": HI, "stream": False}),
+    ]
+    statuses = {path: httpx.post(url + path, json=body, headers=headers, timeout=60).status_code for path, body in asks}
+    assert statuses == {"/api/show": 404, "/api/embed": 404, "/api/generate": 404, "/api/chat": 404}, statuses
 
 
 def _aborted(url: str) -> float:

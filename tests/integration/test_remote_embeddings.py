@@ -13,11 +13,11 @@ import httpx
 import pytest
 import respx
 
-from backends.protocol import EmbeddingRequest, Embeds, InvalidRequest, Overloaded
+from backends.protocol import EmbeddingRequest, Embeds, InvalidRequest, Overloaded, Passthrough
 from backends.remote.litellm_backend import LiteLLMBackend
 from backends.remote.openai_http import RemoteBackend
 from backends.remote.upstream_errors import RemoteFailure, UpstreamClientError
-from tests.conftest import asgi_in_thread, read_body
+from tests.conftest import asgi_in_thread, read_body, start_server
 
 ANSWER = {
     "object": "list",
@@ -60,11 +60,11 @@ def upstream() -> Iterator[tuple[str, Upstream]]:
 
 async def test_remote_forwards_the_body_with_model_rewritten(upstream: tuple[str, Upstream]) -> None:
     backend = RemoteBackend("up", "ok", url=upstream[0], model_id="alias")
-    assert isinstance(backend, Embeds)
+    assert isinstance(backend, Embeds) and isinstance(backend, Passthrough)
     try:
         request = EmbeddingRequest(model="alias", input=["a", "b"], dimensions=2, truncate=True)
         raw = b'{"model":"alias","input":["a","b"],"dimensions":2,"truncate":true,"vendor_extra":1}'
-        out = await backend.embeddings(request, raw)
+        out = await backend.embeddings_raw(request, raw)
         plain = await backend.embeddings(EmbeddingRequest(model="alias", input="a"))
     finally:
         await backend.close()
@@ -74,6 +74,21 @@ async def test_remote_forwards_the_body_with_model_rewritten(upstream: tuple[str
     assert plain_body == {"model": "ok", "input": "a"}  # only the fields set, no stream flag
     assert out.model == "alias" and out.data[0].embedding == [0.6, 0.8] and out.data[1].embedding == "AACAPw=="
     assert out.usage.prompt_tokens == 7 and plain.model == "alias"
+
+
+def test_the_gateway_forwards_the_clients_own_body(upstream: tuple[str, Upstream], tmp_path: Any) -> None:
+    """Through `turnout serve`: fields the gateway does not model reach the upstream."""
+    config = {
+        "server": {"host": "127.0.0.1"},
+        "backends": [{"name": "up", "kind": "remote", "model": "ok", "url": upstream[0] + "/v1", "served_name": "emb", "metrics_url": "none"}],
+    }
+    server = start_server(config, tmp_path)
+    try:
+        answer = httpx.post(server.base_url + "/embeddings", json={"model": "emb", "input": "a", "vendor_extra": 2}, timeout=30)
+    finally:
+        server.stop()
+    assert answer.status_code == 200, answer.text
+    assert upstream[1].requests[-1][1] == {"model": "ok", "input": "a", "vendor_extra": 2}
 
 
 @pytest.mark.parametrize(("mode", "error", "status"), [("bad", UpstreamClientError, 400), ("boom", RemoteFailure, 502), ("busy", Overloaded, 503)])

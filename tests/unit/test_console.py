@@ -292,7 +292,7 @@ async def test_usage_is_read_from_the_limiter_without_taking(app: FastAPI, admin
     assert requests_left((await admin.get("/admin/console/keys")).json()) == (2, 2)
     assert requests_left((await admin.get("/admin/console/keys")).json()) == (2, 2)  # reading took nothing
     record = runtime.snapshot.authenticator.store.list()[0]
-    buckets = runtime.snapshot.authenticator._principal(record).buckets
+    buckets = runtime.snapshot.authenticator.principal(record).buckets
     await runtime.snapshot.limiter.acquire(buckets, 100, 50, None)  # one request, as the request path takes it
     data = (await admin.get("/admin/console/keys")).json()
     assert requests_left(data) == (1, 2)

@@ -206,3 +206,19 @@ def test_bad_json_schema_formats_are_rejected(fields: dict, loc: tuple, words: s
 def test_json_schema_type_needs_its_json_schema() -> None:
     with pytest.raises(ValidationError, match="json_schema is required"):
         ChatCompletionRequest.model_validate({**BASE, "response_format": {"type": "json_schema"}})
+
+
+def test_continue_final_message_needs_a_final_assistant_message_and_no_generation_prompt() -> None:
+    user = {"role": "user", "content": "hi"}
+    ok = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [user, {"role": "assistant", "content": "Hel"}], "continue_final_message": True}
+    )
+    assert ok.continue_final_message and not ok.generation_prompt()
+    assert ChatCompletionRequest.model_validate({"model": "m", "messages": [user]}).generation_prompt()
+    assert not ChatCompletionRequest.model_validate({"model": "m", "messages": [user], "add_generation_prompt": False}).generation_prompt()
+    with pytest.raises(ValidationError, match="last message to be the assistant"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [user], "continue_final_message": True})
+    with pytest.raises(ValidationError, match="cannot both be true"):
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [user, {"role": "assistant", "content": "x"}], "continue_final_message": True, "add_generation_prompt": True}
+        )

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backends.protocol import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, UpstreamError
-from policies.retry import Backoff, Outcome, RetryPolicy, classify, counts_against_backend, is_retryable
+from policies.retry import Backoff, Outcome, RetryPolicy, classify, counts_against_backend, is_retryable, may_resume
 
 
 class _Failure(UpstreamError):
@@ -55,6 +55,10 @@ def test_final_outcomes_never_retry(outcome: Outcome) -> None:
 
 def test_what_counts_against_a_backend() -> None:
     assert {o for o in Outcome if counts_against_backend(o)} == {Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.SERVER_ERROR}
+
+
+def test_only_a_backends_own_failure_may_resume_a_stream() -> None:
+    assert {o for o in Outcome if may_resume(o)} == {Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.SERVER_ERROR}
 
 
 def test_policy_budget() -> None:
