@@ -1,6 +1,6 @@
 """The console's URLs: the page at `/console` (three static files of this package) and its
 JSON API under `/admin/console/`, behind the admin key as the rest of /admin is
-(gateway.routes' check). Reading needs the admin key, or, when none is configured, a caller
+(gateway.admin_access). Reading needs the admin key, or, when none is configured, a caller
 on this machine; creating and revoking keys always need the admin key."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 
+from gateway.admin_access import admin_refusal
 from gateway.console.keys import KeyCreate, NoKeyStore, create_key, keys_view, revoke_key
 from gateway.console.sample_counts import SampleCounts
 from gateway.console.state import overview
 from gateway.errors import error_response
 from gateway.keys import KeyNotFound
-from gateway.admin_access import admin_refusal
 from gateway.runtime import GatewayRuntime
 
 if TYPE_CHECKING:
