@@ -6,6 +6,8 @@ Modules, one job each:
   loader        a model name -> its source, then config + tokenizer (cheap) and weights (not)
   tokenizer     a `tokenizers` Tokenizer from the GGUF vocab or tokenizer.json; incremental detokenization
   model         the Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, optional qkv bias)
+  fp8           `quantization: fp8`: FP8 weights (per channel) and activations (per token), GEMMs
+                through torch._scaled_mm; the one `linear` the decoder calls for any weight
   kv_cache      the per-layer block pool, sized from a memory budget
   block_manager allocation, ref-counts, prefix caching by BLAKE2b chain digests, LRU eviction,
                 forks (a request's choices sharing its prompt blocks)
@@ -14,7 +16,8 @@ Modules, one job each:
                 choices of an n > 1 request admitted on their parent's prompt blocks
   attention     paged attention over the block pool: plain torch (CPU) or the Triton kernels (CUDA)
   triton_kernels  Triton paged attention: GQA split-K decode, varlen prefill over cached prefixes
-  triton_ops    fused Triton kernels: (residual add +) RMSNorm, SiLU-and-mul, RoPE, K/V write
+  triton_ops    fused Triton kernels: (residual add +) RMSNorm, SiLU-and-mul, RoPE, K/V write,
+                per-token FP8 quantization
   step_inputs   one step's model inputs built with numpy, moved to the device in a few copies
   cuda_graphs   decode steps captured as CUDA graphs at bucketed batch sizes
   memory_profile  the GPU KV pool sized from a profiling pass (gpu_memory_utilization)

@@ -51,6 +51,7 @@ from backends.embeddings import PoolState
 from backends.generation import GenerationRequest, SamplingParams, output_budget
 from backends.paged.block_manager import BlockManager
 from backends.paged.config import ModelConfig
+from backends.paged.fp8 import check_fp8_support
 from backends.paged.loader import ModelSource, load_config_and_tokenizer, load_weights
 from backends.paged.model import LlamaModel
 from backends.paged.model_runner import LaunchedStep, ModelRunner, StepInfo
@@ -141,7 +142,9 @@ class LLMEngine:
         if config is None or tokenizer is None:
             config, tokenizer = load_config_and_tokenizer(source)
         device = opts.torch_device()
-        weights = load_weights(source, config, opts.torch_dtype(device), device, seed=opts.seed)
+        if opts.quantization == "fp8":
+            check_fp8_support(device)  # before the weights load: a GPU without FP8 fails in seconds
+        weights = load_weights(source, config, opts.torch_dtype(device), device, seed=opts.seed, quantization=opts.quantization)
         return cls(config, weights, tokenizer, opts, task=task)
 
     # -- requests ------------------------------------------------------------------------------

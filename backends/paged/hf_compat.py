@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from backends.paged.config import ModelConfig
+from backends.paged.fp8 import dense
 from backends.paged.weights import ModelWeights
 
 
@@ -46,9 +47,11 @@ def hf_llama_config(config: ModelConfig, dtype: torch.dtype) -> Any:
 
 
 def hf_state_dict(config: ModelConfig, weights: ModelWeights) -> dict[str, torch.Tensor]:
-    """HF parameter names -> views of the engine's (fused) tensors."""
+    """HF parameter names -> views of the engine's (fused) tensors; FP8 weights dequantized
+    to the compute dtype (transformers runs them as the bf16 model they approximate)."""
     nh, nkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
     q, kv = nh * hd, nkv * hd
+    dtype = weights.embed.dtype
     sd = {
         "model.embed_tokens.weight": weights.embed,
         "model.norm.weight": weights.final_norm,
@@ -56,19 +59,20 @@ def hf_state_dict(config: ModelConfig, weights: ModelWeights) -> dict[str, torch
     }
     for i, layer in enumerate(weights.layers):
         p = f"model.layers.{i}."
+        qkv, o, gate_up, down = (dense(w, dtype) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         sd[p + "input_layernorm.weight"] = layer.attn_norm
         sd[p + "post_attention_layernorm.weight"] = layer.ffn_norm
-        sd[p + "self_attn.q_proj.weight"] = layer.qkv[:q]
-        sd[p + "self_attn.k_proj.weight"] = layer.qkv[q : q + kv]
-        sd[p + "self_attn.v_proj.weight"] = layer.qkv[q + kv :]
+        sd[p + "self_attn.q_proj.weight"] = qkv[:q]
+        sd[p + "self_attn.k_proj.weight"] = qkv[q : q + kv]
+        sd[p + "self_attn.v_proj.weight"] = qkv[q + kv :]
         if layer.qkv_bias is not None:
             sd[p + "self_attn.q_proj.bias"] = layer.qkv_bias[:q]
             sd[p + "self_attn.k_proj.bias"] = layer.qkv_bias[q : q + kv]
             sd[p + "self_attn.v_proj.bias"] = layer.qkv_bias[q + kv :]
-        sd[p + "self_attn.o_proj.weight"] = layer.o
-        sd[p + "mlp.gate_proj.weight"] = layer.gate_up[:inter]
-        sd[p + "mlp.up_proj.weight"] = layer.gate_up[inter:]
-        sd[p + "mlp.down_proj.weight"] = layer.down
+        sd[p + "self_attn.o_proj.weight"] = o
+        sd[p + "mlp.gate_proj.weight"] = gate_up[:inter]
+        sd[p + "mlp.up_proj.weight"] = gate_up[inter:]
+        sd[p + "mlp.down_proj.weight"] = down
     return sd
 
 

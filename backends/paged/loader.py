@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from backends.paged.config import ModelConfig, config_from_gguf, config_from_hf, dummy_config
+from backends.paged.fp8 import quantize_model
 from backends.paged.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 from backends.paged.weights import ModelWeights, load_gguf_tensors, load_safetensors, pack_weights, random_tensors
 
@@ -57,8 +58,11 @@ def load_config_and_tokenizer(source: ModelSource) -> tuple[ModelConfig, Tokeniz
     return config_from_gguf(reader), tokenizer_from_gguf(reader)
 
 
-def load_weights(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> ModelWeights:
-    """The expensive part: all tensors, dequantized / converted to dtype on device."""
+def load_weights(
+    source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0, quantization: str | None = None
+) -> ModelWeights:
+    """The expensive part: all tensors, dequantized / converted to dtype on device; with
+    `quantization` "fp8", the decoder's linear weights then quantized to FP8 (fp8.py)."""
     if source.kind == "dummy":
         on_gpu = torch.device(device).type == "cuda"
         tensors = random_tensors(config, seed=seed, device=device if on_gpu else "cpu", dtype=dtype if on_gpu else torch.float32)
@@ -67,4 +71,9 @@ def load_weights(source: ModelSource, config: ModelConfig, dtype: torch.dtype, d
     else:
         tensors = load_gguf_tensors(source.gguf_reader(), config)
         source.release()
-    return pack_weights(tensors, config, dtype, device)
+    weights = pack_weights(tensors, config, dtype, device)
+    if quantization == "fp8":
+        weights = quantize_model(weights)
+    elif quantization is not None:
+        raise ValueError(f"unknown quantization {quantization!r}")
+    return weights

@@ -1,6 +1,7 @@
 """The Llama-family decoder: RMSNorm, RoPE (theta and scaling), GQA, SwiGLU, tied or untied
 embeddings, optional qkv bias (Qwen2). Runs a flattened batch of new tokens from many
-sequences at once; attention reads and writes the paged KV cache."""
+sequences at once; attention reads and writes the paged KV cache. Its linear layers go
+through `fp8.linear`, which runs FP8 weights (`quantization: fp8`) and plain ones alike."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from backends.paged.attention import AttentionMetadata, PagedAttention, TorchPagedAttention
 from backends.paged.config import ModelConfig
+from backends.paged.fp8 import Fp8Weight, linear, quantize_rows
 from backends.paged.kv_cache import KVCache
 from backends.paged.weights import ModelWeights
 
@@ -80,6 +82,11 @@ class TorchOps:
         s = sin.index_select(0, positions)[:, None, :]
         return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
 
+    @staticmethod
+    def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token FP8 quantization of an FP8 GEMM's input (fp8.quantize_rows)."""
+        return quantize_rows(x)
+
 
 class LlamaModel:
     """Forward pass over the paged cache. Holds no per-request state.
@@ -101,11 +108,16 @@ class LlamaModel:
         self.device = weights.embed.device
         self.attn = attention or TorchPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
         self.ops = ops or TorchOps()
+        self._quantize_rows = self.ops.quantize_rows  # FP8 layers' activation quantizer
         inv = rope_inv_freq(config, weights.rope_freq_factors).to(self.device)
         freqs = torch.outer(torch.arange(max_positions, device=self.device, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos = emb.cos().to(self.dtype)  # [max_positions, head_dim]
         self._sin = emb.sin().to(self.dtype)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor | Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w.T (+ bias): F.linear, or the FP8 GEMM with the ops' activation quantizer."""
+        return linear(x, w, bias, self._quantize_rows)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
@@ -114,7 +126,7 @@ class LlamaModel:
         The residual stream is carried separately so that each "add the block's output, then
         normalise" is one fused op (in place on the residual with the Triton ops)."""
         c = self.config
-        ops = self.ops
+        ops, lin = self.ops, self.linear
         T = input_ids.shape[0]
         nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size = nh * hd, nkv * hd
@@ -127,13 +139,13 @@ class LlamaModel:
                 x = ops.rms_norm(h, layer.attn_norm, eps)
             else:
                 x, residual = ops.add_rms_norm(h, residual, layer.attn_norm, eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = lin(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q, k = ops.rotary(q.view(T, nh, hd), k.view(T, nkv, hd), self._cos, self._sin, positions)
             o = self.attn(q, k, v.view(T, nkv, hd), cache.k[i], cache.v[i], meta)
-            h = F.linear(o.reshape(T, q_size), layer.o)
+            h = lin(o.reshape(T, q_size), layer.o)
             x, residual = ops.add_rms_norm(h, residual, layer.ffn_norm, eps)
-            h = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+            h = lin(ops.silu_and_mul(lin(x, layer.gate_up)), layer.down)
         if residual is None:  # a model with no layers
             return ops.rms_norm(h, self.w.final_norm, eps)
         return ops.add_rms_norm(h, residual, self.w.final_norm, eps)[0]
@@ -146,7 +158,8 @@ class LlamaModel:
     @torch.inference_mode()
     def dense_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits for every position of one sequence with plain causal attention and no cache.
-        A reference for tests: it shares no code with the paged path beyond the layer math."""
+        A reference for tests: it shares no code with the paged path beyond the layer math
+        (FP8 weights go through fp8.linear with the plain-torch activation quantizer)."""
         c = self.config
         ids = torch.tensor(token_ids, device=self.device)
         T = ids.shape[0]
@@ -156,15 +169,15 @@ class LlamaModel:
         h = self.w.embed[ids]
         for layer in self.w.layers:
             x = rms_norm(h, layer.attn_norm, c.rms_norm_eps)
-            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = linear(x, layer.qkv, layer.qkv_bias).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
-            h = h + F.linear(o.transpose(0, 1).reshape(T, nh * hd), layer.o)
+            h = h + linear(o.transpose(0, 1).reshape(T, nh * hd), layer.o)
             x = rms_norm(h, layer.ffn_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + linear(F.silu(gate) * up, layer.down)
         return self.logits(rms_norm(h, self.w.final_norm, c.rms_norm_eps))

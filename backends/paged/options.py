@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from backends.options import BackendOptions, EmbeddingOptions
 
@@ -42,6 +42,27 @@ class EngineOptions(BackendOptions, EmbeddingOptions):
     # Overlap a step's host work with the GPU: sampled tokens stay on the device as the next
     # step's inputs and are read back one step later. None: on for CUDA, off on CPU.
     async_scheduling: bool | None = None
+    # fp8: every decoder linear layer's weights in float8_e4m3fn with per-channel scales, its
+    # inputs quantized per token, GEMMs on FP8 tensor cores (backends/paged/fp8.py). CUDA only,
+    # compute capability 8.9+; the embeddings, lm_head and KV cache stay in `dtype` (bf16).
+    quantization: Literal["fp8"] | None = None
+
+    @field_validator("quantization")
+    @classmethod
+    def _fp8_where_it_runs(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """What can be known without torch: FP8 is for the GPU, computing in bf16. A device
+        of `auto` and the GPU's own support are checked at start (fp8.check_fp8_support)."""
+        if value != "fp8":
+            return value
+        if info.data.get("device", "cpu") == "cpu":
+            raise ValueError(
+                "fp8 runs on CUDA GPUs with FP8 tensor cores (compute capability 8.9+), not on device cpu "
+                "(the default device): set device: cuda, or leave quantization unset"
+            )
+        dtype = info.data.get("dtype", "auto")
+        if dtype not in ("auto", "bfloat16", "bf16"):
+            raise ValueError(f"fp8 computes its GEMM outputs in bfloat16; dtype {dtype} does not go with it (use auto or bfloat16)")
+        return value
 
     def kernel_kind(self, device: torch.device) -> str:
         """The kernels to use on this device: "triton" or "torch"."""

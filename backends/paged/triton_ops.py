@@ -9,6 +9,8 @@ graph for a small model (smollm2-135m: ~45 launches a layer unfused, 11 fused):
 - `rotary_inplace`: HF rotate-half RoPE on q and k (views into the qkv projection), in place.
 - `write_kv_cache`: K and V of the new tokens into their cache slots in one launch; slot -1
   means "no slot" (a CUDA graph's padding rows).
+- `quantize_rows`: dynamic per-token FP8 quantization of a GEMM's input (`quantization: fp8`),
+  one launch instead of torch's six (abs, amax, clamp, divide, clamp, cast) before each GEMM.
 
 `TritonOps` bundles them behind the same methods as `model.TorchOps`. This module imports
 triton at import time; callers import it only when they use it.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from backends.paged.fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
 
 @triton.jit
@@ -202,6 +206,40 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     )  # fmt: skip
 
 
+@triton.jit
+def _quantize_rows_kernel(X, Y, S, stride_x, stride_y, N, QMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    # Two passes over the row (the second from L1/L2): its amax, then the scaled, clamped cast.
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        x = tl.load(X + row * stride_x + start + cols, mask=start + cols < N, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), AMAX_FLOOR) / QMAX
+    tl.store(S + row, scale)
+    for start in range(0, N, BLOCK):
+        mask = start + cols < N
+        x = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+        # Clamped first, as fp8._to_fp8 does (the division's rounding can step past 448).
+        q = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+        tl.store(Y + row * stride_y + start + cols, q.to(Y.dtype.element_ty), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 quantization of x [T, K] (last dim contiguous): (x_fp8 [T, K], scale
+    [T, 1] float32), as fp8.quantize_rows computes them, in one launch."""
+    T, N = x.shape
+    assert x.stride(1) == 1
+    y = torch.empty((T, N), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return y, scale
+    block = min(2048, triton.next_power_of_2(N))
+    _quantize_rows_kernel[(T,)](x, y, scale, x.stride(0), y.stride(0), N, QMAX=FP8_MAX, AMAX_FLOOR=MIN_AMAX,
+                                BLOCK=block, num_warps=4 if block >= 1024 else 2)  # fmt: skip
+    return y, scale
+
+
 class TritonOps:
     """The decoder's elementwise ops as fused Triton kernels (same methods as model.TorchOps)."""
 
@@ -223,3 +261,7 @@ class TritonOps:
     def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rotary_inplace(q, k, cos, sin, positions)
         return q, k
+
+    @staticmethod
+    def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rows(x)

@@ -15,17 +15,21 @@ import numpy as np
 import torch
 
 from backends.paged.config import ModelConfig
+from backends.paged.fp8 import Fp8Weight
 
 
 @dataclass
 class LayerWeights:
+    """One decoder layer. The four linear weights are plain tensors in the compute dtype, or
+    Fp8Weights with `quantization: fp8` (fp8.quantize_model); model.py's `linear` takes both."""
+
     attn_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(nh + 2*nkv) * hd, H]
+    qkv: torch.Tensor | Fp8Weight  # [(nh + 2*nkv) * hd, H]
     qkv_bias: torch.Tensor | None  # [(nh + 2*nkv) * hd] (Qwen2)
-    o: torch.Tensor  # [H, nh * hd]
+    o: torch.Tensor | Fp8Weight  # [H, nh * hd]
     ffn_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 * I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: torch.Tensor | Fp8Weight  # [2 * I, H]
+    down: torch.Tensor | Fp8Weight  # [H, I]
 
 
 @dataclass
@@ -37,12 +41,17 @@ class ModelWeights:
     rope_freq_factors: torch.Tensor | None = None  # Llama 3 GGUFs carry RoPE scaling this way
 
     def nbytes(self) -> int:
-        """Bytes held by the weights (tied embeddings counted once)."""
+        """Bytes held by the weights (tied embeddings counted once; an FP8 weight as its
+        one-byte values plus its float32 scales)."""
         seen: set[int] = set()
         total = 0
         tensors = [self.embed, self.lm_head, self.final_norm]
         for layer in self.layers:
-            tensors += [t for t in vars(layer).values() if t is not None]
+            for t in vars(layer).values():
+                if isinstance(t, Fp8Weight):
+                    tensors += t.tensors()
+                elif t is not None:
+                    tensors.append(t)
         for t in tensors:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())

@@ -9,6 +9,11 @@ Workloads: `fixed` (every request input-len prompt tokens, output-len generated 
 `sharegpt` (lengths drawn from log-normal distributions shaped like ShareGPT's, seeded).
 Every request ignores EOS and generates exactly its output length, greedy.
 
+`--quantization fp8` runs the engine with FP8 weights and activations (`quantization: fp8`,
+backends/paged/fp8.py); `--compare-quantization` runs the workload on the bf16 engine first,
+then (that engine's memory given back) on an FP8 one built from the same random weights, so
+that one run reports both output tok/s; the transformers peer runs on the bf16 weights.
+
 `--json-schema` runs the workload a second time on the same engine with every request
 constrained to a small JSON Schema (JSON_SCHEMA), so that one run reports constrained against
 unconstrained output tok/s. A grammar ends at EOS once its object is complete, so ignore_eos
@@ -134,6 +139,7 @@ class EngineResult:
     load_s: float
     profile: dict[str, Any] = field(default_factory=dict)
     async_scheduling: bool = False
+    quantization: str | None = None  # "fp8", or None: the weights in the compute dtype
     finished_stop: int = 0  # requests that ended with "stop" (EOS: with a grammar, its object complete)
 
 
@@ -171,6 +177,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
         enforce_eager=args.enforce_eager,
         async_scheduling=False if getattr(args, "sync_scheduling", False) else None,
         seed=args.seed,
+        quantization=quantization(args),
     )
     _sync(torch, cuda)
     load_s = time.perf_counter() - t0
@@ -307,9 +314,48 @@ def time_requests(
         load_s=load_s,
         profile=prof_result,
         async_scheduling=engine.async_scheduling,
+        quantization=engine.options.quantization,
         finished_stop=stopped,
     )
     return result, texts
+
+
+def quantization(args: argparse.Namespace) -> str | None:
+    """The engine's `quantization` option from --quantization ("none": None)."""
+    q = getattr(args, "quantization", "none")
+    return None if q in (None, "none") else q
+
+
+def fp8_refusal(args: argparse.Namespace) -> str | None:
+    """Why an FP8 engine cannot run with these arguments (the engine's own checks: the
+    options', then the device's), or None."""
+    import torch
+
+    from backends.paged.fp8 import check_fp8_support
+    from backends.paged.options import EngineOptions
+
+    try:
+        opts = EngineOptions.from_dict({"device": args.device, "dtype": args.dtype, "quantization": "fp8"})
+        check_fp8_support(opts.torch_device())
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def release_engine(engine: Any) -> None:
+    """Give an engine's device memory back (KV pool, CUDA graphs, weights) before the next
+    engine is built in the same process. Explicitly, not by dropping the last reference: the
+    timed run froze the collector's view (gc.freeze), and the engine holds reference cycles."""
+    import torch
+
+    engine.cache.k.clear()
+    engine.cache.v.clear()
+    engine.graphs = None
+    engine.model = None
+    gc.unfreeze()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_json_schema(engine: Any, args: argparse.Namespace, work: Workload, bw: float) -> dict[str, Any]:
@@ -498,6 +544,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--output-len", type=int, default=256, help="generated tokens (median for sharegpt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantization", choices=("none", "fp8"), default="none",
+                   help="fp8: FP8 weights (per channel) and activations (per token), GEMMs on FP8 tensor cores (CUDA, compute capability 8.9+)")
+    p.add_argument("--compare-quantization", action="store_true",
+                   help="run the workload on the bf16 engine, then on an FP8 one (same weights), in one process")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -521,7 +571,8 @@ def print_table(report: dict[str, Any]) -> None:
     hf = report.get("transformers") or {}
     rf = e["roofline"]
     rows = [
-        ("shape / workload", f"{e['shape']} / {e['workload']} ({e['num_requests']} req, {e['prompt_tokens']} prompt + {e['output_tokens']} output tok)"),
+        ("shape / workload", f"{e['shape']} / {e['workload']} ({e['num_requests']} req, {e['prompt_tokens']} prompt + {e['output_tokens']} output tok)"
+         + (f", {e['quantization']}" if e.get("quantization") else "")),
         ("output tok/s", f"{e['output_tok_s']:,.0f}"),
         ("total tok/s", f"{e['total_tok_s']:,.0f}"),
         ("duration", f"{e['duration_s']:.2f} s"),
@@ -536,6 +587,14 @@ def print_table(report: dict[str, Any]) -> None:
         rows.append(("output tok/s, JSON schema", f"{js['output_tok_s']:,.0f} ({js['output_tok_s'] / e['output_tok_s']:.2f}x; {js['output_tokens']} tok, "
                      f"{js['finished_stop']}/{js['num_requests']} complete, {js['valid_json']} valid)"))  # fmt: skip
         rows.append(("decode step, JSON schema", f"{js['decode_step_ms'].get('mean', 0):.2f} / {js['decode_gpu_ms_mean']:.2f} ms at batch {js['decode_batch_mean']:.0f}"))
+    fp8 = report.get("engine_fp8")
+    if fp8:
+        rows.append(("output tok/s, fp8", f"{fp8['output_tok_s']:,.0f} ({fp8['output_tok_s'] / e['output_tok_s']:.2f}x; weights "
+                     f"{fp8['roofline']['weight_bytes'] / 2**30:.2f} GiB against {rf['weight_bytes'] / 2**30:.2f})"))  # fmt: skip
+        frf = fp8["roofline"]
+        rows.append(("decode step, fp8", f"{fp8['decode_step_ms'].get('mean', 0):.2f} / {fp8['decode_gpu_ms_mean']:.2f} ms at batch {fp8['decode_batch_mean']:.0f}; "
+                     f"bytes floor {frf['floor_ms_per_step']:.2f} ms, {100 * frf['efficiency']:.0f} % of it"))  # fmt: skip
+        rows.append(("KV pool, fp8", f"{fp8['kv_pool_gib']:.1f} GiB ({fp8['kv_pool_blocks']} blocks)"))
     if e.get("profile"):
         pr = e["profile"]
         rows.append(("profile (decode)", f"wall {pr['wall_ms_per_step_unprofiled']:.2f} ms/step, GPU kernels {pr['gpu_kernel_ms_per_step']:.2f} ms/step at batch {pr['batch']}"))
@@ -561,6 +620,12 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("turnout bench engine needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
+    if args.compare_quantization or quantization(args) == "fp8":
+        # Refused here, before any run: an FP8 engine on the CPU or on a GPU without FP8.
+        error = fp8_refusal(args)
+        if error:
+            print(f"turnout bench engine: {error}", file=sys.stderr)
+            return 2
     from backends.paged.config import dummy_config
 
     cfg = dummy_config(args.shape)
@@ -568,6 +633,8 @@ def run(args: argparse.Namespace) -> int:
     longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
     args.max_model_len = max(args.max_model_len, longest)
     bw = copy_bandwidth(torch) if args.device == "cuda" else 0.0
+    if args.compare_quantization:
+        args.quantization = "none"  # the first run is the bf16 one; the FP8 one follows
     result, engine = run_engine(args, work, bw)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -585,6 +652,12 @@ def run(args: argparse.Namespace) -> int:
             report["transformers"] = {"error": f"{type(exc).__name__}: {exc}"}
         if report["transformers"].get("output_tok_s"):
             report["speedup_vs_transformers"] = result.output_tok_s / report["transformers"]["output_tok_s"]
+    if args.compare_quantization:
+        release_engine(engine)  # the peer may have taken its weights already; the rest goes here
+        del engine
+        fp8_result, engine = run_engine(argparse.Namespace(**{**vars(args), "quantization": "fp8"}), work, bw)
+        report["engine_fp8"] = asdict(fp8_result)
+        report["fp8_speedup"] = fp8_result.output_tok_s / result.output_tok_s
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=2, default=str)

@@ -48,3 +48,38 @@ def test_bench_engine_json_schema_run_on_cpu(tmp_path, capsys) -> None:
     assert 6 <= js["output_tokens"] <= 6 * 40 and js["output_tok_s"] > 0
     assert js["valid_json"] == js["finished_stop"]  # every complete output parses and validates
     assert "output tok/s, JSON schema" in capsys.readouterr().out
+
+
+def test_bench_engine_refuses_fp8_on_the_cpu_before_running(capsys) -> None:
+    for flag in (["--quantization", "fp8"], ["--compare-quantization"]):
+        rc = main(["--shape", "tiny", "--device", "cpu", "--num-requests", "2", *flag])
+        assert rc == 2
+        captured = capsys.readouterr()
+        assert "quantization: fp8 runs on CUDA GPUs" in captured.err and "output tok/s" not in captured.out
+
+
+def test_bench_engine_compare_quantization_runs_twice_in_one_process(tmp_path, capsys, monkeypatch) -> None:
+    """The plumbing of --compare-quantization on the CPU: the second engine is built after the
+    first one's memory is released, and reported beside it. (FP8 itself needs the GPU: here both
+    runs are unquantized.)"""
+    import gateway.bench.engine as bench
+
+    built: list[str | None] = []
+    real_quantization = bench.quantization
+
+    def no_fp8(args):
+        q = real_quantization(args)
+        built.append(q)
+        return None
+
+    monkeypatch.setattr(bench, "fp8_refusal", lambda args: None)
+    monkeypatch.setattr(bench, "quantization", no_fp8)
+    out = tmp_path / "bench.json"
+    rc = main(["--shape", "tiny", "--device", "cpu", "--num-requests", "4", "--input-len", "12", "--output-len", "6",
+               "--max-num-seqs", "4", "--compare-quantization", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    assert built == [None, "fp8"]  # the bf16 run first, then the one asked for fp8
+    report = json.loads(out.read_text())
+    assert report["engine_fp8"]["output_tokens"] == report["engine"]["output_tokens"] == 4 * 6
+    assert report["fp8_speedup"] > 0
+    assert "output tok/s, fp8" in capsys.readouterr().out
