@@ -35,6 +35,11 @@ Modules, one job each:
   async_engine  one engine thread, per-request async streams
   backend       PagedBackend: the Backend protocol over all of the above (served by an engine
                 worker process: backends.worker)
+  parallel      tensor parallelism: a rank's shard layout, its process groups and collectives
+                (vocab-parallel embedding and logits, all-reduce, the step broadcast)
+  shard         a rank's slice of each weight, cut as the loaders read it
+  tp_launch     rank 0's side: start ranks 1..N-1, watch them, stop them
+  tp_worker     ranks 1..N-1: receive each step from rank 0 and run their share of it
 
 Nothing here imports a web framework.
 """

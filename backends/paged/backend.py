@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,19 @@ class PagedBackend(LocalBackend):
 
     supports_logprobs = True
 
-    def __init__(self, name: str, model: str, model_id: str | None = None, task: str = "generate", **options: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        model_id: str | None = None,
+        task: str = "generate",
+        on_rank_failure: Callable[[str], None] | None = None,
+        **options: Any,
+    ) -> None:
+        """`on_rank_failure(reason)`: called when a tensor-parallel rank other than 0 exits
+        while the engine runs (the engine worker exits then, to be restarted whole)."""
         self.name = name
+        self._on_rank_failure = on_rank_failure
         self.model = model
         self.model_id = model_id or _model_id(model)
         self.task = task
@@ -91,8 +102,9 @@ class PagedBackend(LocalBackend):
             return
         # The shape and tokenizer read in __init__ are reused: a GGUF's metadata is parsed once.
         self.engine = await asyncio.to_thread(
-            LLMEngine.from_model, self._source, self.options, config=self._config, tokenizer=self._tokenizer, task=self.task
-        )
+            LLMEngine.from_model, self._source, self.options, config=self._config, tokenizer=self._tokenizer, task=self.task,
+            on_rank_failure=self._on_rank_failure,
+        )  # fmt: skip
         self._async = AsyncEngine(self.engine)
         self._async.start()
 
@@ -100,6 +112,8 @@ class PagedBackend(LocalBackend):
         if self._async is not None:
             await asyncio.to_thread(self._async.shutdown)
             self._async = None
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)  # tensor-parallel ranks, if any
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         return self._engine().generate(request)

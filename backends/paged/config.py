@@ -62,6 +62,14 @@ DUMMY_SHAPES: dict[str, ModelConfig] = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,),
     ),
+    # 70.6e9 parameters: 141 GB in bf16, so more than one GPU (tensor_parallel_size 2 on H200s).
+    "llama3-70b": ModelConfig(
+        arch="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,),
+    ),
 }
 
 

@@ -6,6 +6,10 @@ reads static input buffers; a step copies its inputs into those buffers (one pin
 device copy each) and replays the smallest graph that holds its batch. Rows past the real
 batch are padding: slot -1 (the K/V write skips them) and context length 1 over whatever block
 id is left in their table row (always a valid block), and their logits are never read.
+
+Under tensor parallelism the captured forward holds the step's collectives (NCCL all-reduces
+and the logits' all-gather): every rank captures the same buckets in the same order and, for
+a step, replays the same bucket, so the collectives pair up as in an eager step.
 """
 
 from __future__ import annotations
@@ -36,8 +40,21 @@ def graph_buckets(max_batch: int) -> list[int]:
 class DecodeGraphRunner:
     """Captured decode graphs over static input buffers; `run` replays one."""
 
-    def __init__(self, model: LlamaModel, cache: KVCache, max_batch: int, max_blocks_per_seq: int, max_context: int, splits_for: object) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache: KVCache,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        max_context: int,
+        splits_for: object,
+        capture_error_mode: str = "global",
+    ) -> None:
+        """`capture_error_mode` "thread_local" under tensor parallelism: the NCCL watchdog
+        thread may query earlier collectives' events while a graph is captured, which the
+        default mode ("global", any thread) would count against the capture."""
         dev = model.device
+        self._capture_error_mode = capture_error_mode
         self.model = model
         self.cache = cache
         self.max_batch = max_batch
@@ -102,7 +119,7 @@ class DecodeGraphRunner:
             torch.cuda.current_stream().wait_stream(stream)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=self._capture_error_mode):
                 out = fwd()
             self._graphs[b] = (g, out)
         torch.cuda.synchronize()

@@ -37,11 +37,17 @@ An embedding request (`PoolingRequest`) runs as one prefill-only sequence per in
 group: the runner pools each chunk's hidden rows as the forward pass is launched, the
 scheduler finishes and frees each input after its last chunk (`finish_pooled`), and the
 request's one `EmbeddingOutput` comes in the step its last input finished.
+
+With `tensor_parallel_size` N > 1 this engine is rank 0: `from_model` starts ranks 1..N-1
+(tp_launch) and each loads its share of the weights; the scheduler, sampling and outputs run
+here alone, and the runner sends every step's inputs to the other ranks (model_runner).
+`close()` stops them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,11 +63,13 @@ from backends.paged.model import LlamaModel
 from backends.paged.model_runner import LaunchedStep, ModelRunner, StepInfo
 from backends.paged.options import EngineOptions
 from backends.paged.output_processor import OutputProcessor, StepOutput
+from backends.paged.parallel import cpu_threads_per_rank
 from backends.paged.pooling import EmbeddingOutput, PoolingRequest
 from backends.paged.sampler import SamplerState
 from backends.paged.scheduler import SampledToken, Scheduler, SchedulerOutput
 from backends.paged.sequence import Sequence, SequenceGroup
 from backends.paged.tokenizer import Tokenizer
+from backends.paged.tp_launch import RankGroup
 from backends.paged.weights import ModelWeights
 from backends.protocol import ContextLengthExceeded, InvalidRequest
 
@@ -89,13 +97,23 @@ class LLMEngine:
     """The engine. Not thread-safe: one thread drives it (see async_engine)."""
 
     def __init__(
-        self, config: ModelConfig, weights: ModelWeights, tokenizer: Tokenizer, options: EngineOptions, *, task: str = "generate"
+        self,
+        config: ModelConfig,
+        weights: ModelWeights,
+        tokenizer: Tokenizer,
+        options: EngineOptions,
+        *,
+        task: str = "generate",
+        ranks: RankGroup | None = None,
     ) -> None:
+        if options.tensor_parallel_size > 1 and ranks is None:
+            raise ValueError("a tensor-parallel engine is built by LLMEngine.from_model, which starts its ranks")
         self.config = config
         self.tokenizer = tokenizer
         self.options = options
         self.task = task  # "embed": an embedding model, which never decodes (no decode graphs)
-        self.runner = ModelRunner(config, weights, options, decode_graphs=task != "embed")
+        self.ranks = ranks  # tensor parallelism: ranks 1..N-1, stopped by close()
+        self.runner = ModelRunner(config, weights, options, decode_graphs=task != "embed", tp=ranks.tp if ranks else None)
         self.device = self.runner.device
         self.dtype = self.runner.dtype
         self.kernels = self.runner.kernels
@@ -125,6 +143,7 @@ class LLMEngine:
         config: ModelConfig | None = None,
         tokenizer: Tokenizer | None = None,
         task: str = "generate",
+        on_rank_failure: Callable[[str], None] | None = None,
         **option_values: Any,
     ) -> LLMEngine:
         """Load `model` (GGUF path or store name, HF directory, dummy:<shape>, or an already
@@ -132,20 +151,43 @@ class LLMEngine:
 
         Options come as an EngineOptions or as keywords. `config` and `tokenizer`, when given,
         were read from the same source already (PagedBackend reads them before start()).
-        `task` "embed": an embedding model (policies' BackendConfig.task)."""
+        `task` "embed": an embedding model (policies' BackendConfig.task). With
+        `tensor_parallel_size` > 1 the other ranks are started here (call `close()` to stop
+        them); `on_rank_failure(reason)` is called if one of them exits while the engine runs."""
         if options is not None and option_values:
             raise TypeError("pass engine options as an EngineOptions or as keywords, not both")
         opts = options if options is not None else EngineOptions.from_dict(option_values)
-        if opts.num_threads:
-            torch.set_num_threads(opts.num_threads)
+        threads = opts.num_threads
+        if not threads and opts.tensor_parallel_size > 1 and opts.torch_device().type == "cpu":
+            threads = cpu_threads_per_rank(opts.tensor_parallel_size)  # the ranks share the cores
+        if threads:
+            torch.set_num_threads(threads)
         source = model if isinstance(model, ModelSource) else ModelSource.parse(model)
         if config is None or tokenizer is None:
             config, tokenizer = load_config_and_tokenizer(source)
+        opts.check_tensor_parallel(num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, intermediate_size=config.intermediate_size)
         device = opts.torch_device()
         if opts.quantization == "fp8":
             check_fp8_support(device)  # before the weights load: a GPU without FP8 fails in seconds
-        weights = load_weights(source, config, opts.torch_dtype(device), device, seed=opts.seed, quantization=opts.quantization)
-        return cls(config, weights, tokenizer, opts, task=task)
+        if opts.tensor_parallel_size == 1:
+            weights = load_weights(source, config, opts.torch_dtype(device), device, seed=opts.seed, quantization=opts.quantization)
+            return cls(config, weights, tokenizer, opts, task=task)
+        ranks = RankGroup.start(source.kind, source.location, config, opts, task, on_failure=on_rank_failure)
+        try:
+            weights = load_weights(
+                source, config, opts.torch_dtype(device), device, seed=opts.seed, quantization=opts.quantization, shard=ranks.tp.layout
+            )  # fmt: skip
+            ranks.tp.barrier()  # every rank has its weights: the start-up's collectives begin
+            return cls(config, weights, tokenizer, opts, task=task, ranks=ranks)
+        except BaseException:
+            ranks.close(kill=True)  # mid start-up: the others are inside collectives, not waiting for steps
+            raise
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and leave their group (nothing to do on one
+        rank). The engine runs no step after this."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ import torch
 
 from backends.paged.config import ModelConfig, config_from_gguf, config_from_hf, dummy_config
 from backends.paged.fp8 import quantize_model
+from backends.paged.parallel import ShardLayout
+from backends.paged.shard import selector
 from backends.paged.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 from backends.paged.weights import ModelWeights, load_gguf_tensors, load_safetensors, pack_weights, random_tensors
 
@@ -59,17 +61,27 @@ def load_config_and_tokenizer(source: ModelSource) -> tuple[ModelConfig, Tokeniz
 
 
 def load_weights(
-    source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0, quantization: str | None = None
+    source: ModelSource,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    quantization: str | None = None,
+    shard: ShardLayout | None = None,
 ) -> ModelWeights:
     """The expensive part: all tensors, dequantized / converted to dtype on device; with
-    `quantization` "fp8", the decoder's linear weights then quantized to FP8 (fp8.py)."""
+    `quantization` "fp8", the decoder's linear weights then quantized to FP8 (fp8.py). With
+    `shard` (tensor parallelism), only that rank's slice of each tensor is kept (shard.py),
+    and quantized after the cut."""
+    select = selector(shard, config.head_dim)
     if source.kind == "dummy":
         on_gpu = torch.device(device).type == "cuda"
-        tensors = random_tensors(config, seed=seed, device=device if on_gpu else "cpu", dtype=dtype if on_gpu else torch.float32)
+        draw_device, draw_dtype = (device, dtype) if on_gpu else ("cpu", torch.float32)
+        tensors = random_tensors(config, seed=seed, device=draw_device, dtype=draw_dtype, select=select)
     elif source.kind == "hf":
-        tensors = load_safetensors(Path(source.location))
+        tensors = load_safetensors(Path(source.location), select)
     else:
-        tensors = load_gguf_tensors(source.gguf_reader(), config)
+        tensors = load_gguf_tensors(source.gguf_reader(), config, select)
         source.release()
     weights = pack_weights(tensors, config, dtype, device)
     if quantization == "fp8":

@@ -1,7 +1,12 @@
 """The Llama-family decoder: RMSNorm, RoPE (theta and scaling), GQA, SwiGLU, tied or untied
 embeddings, optional qkv bias (Qwen2). Runs a flattened batch of new tokens from many
 sequences at once; attention reads and writes the paged KV cache. Its linear layers go
-through `fp8.linear`, which runs FP8 weights (`quantization: fp8`) and plain ones alike."""
+through `fp8.linear`, which runs FP8 weights (`quantization: fp8`) and plain ones alike.
+
+Under tensor parallelism (`tp`, parallel.py) the config is the rank's (its heads and MLP
+channels) and the weights its slices; the forward pass then adds three collectives: the
+vocab-parallel embedding, an all-reduce after the attention output projection and one after
+the MLP's down projection, and the logits are gathered to full vocabulary width."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from backends.paged.attention import AttentionMetadata, PagedAttention, TorchPag
 from backends.paged.config import ModelConfig
 from backends.paged.fp8 import Fp8Weight, linear, quantize_rows
 from backends.paged.kv_cache import KVCache
+from backends.paged.parallel import TensorParallel
 from backends.paged.weights import ModelWeights
 
 
@@ -92,7 +98,8 @@ class LlamaModel:
     """Forward pass over the paged cache. Holds no per-request state.
 
     `attention` and `ops` pick the implementation: plain torch by default (CPU), the Triton
-    paged attention and fused kernels on CUDA (the engine chooses)."""
+    paged attention and fused kernels on CUDA (the engine chooses). `tp`: this rank's tensor
+    parallel group, with `config` and `weights` the rank's share (ShardLayout.local_config)."""
 
     def __init__(
         self,
@@ -101,8 +108,10 @@ class LlamaModel:
         max_positions: int,
         attention: PagedAttention | None = None,
         ops: Any = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         self.config = config
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.w = weights
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
@@ -131,7 +140,8 @@ class LlamaModel:
         nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size = nh * hd, nkv * hd
         eps = c.rms_norm_eps
-        h = self.w.embed.index_select(0, input_ids)
+        tp = self.tp
+        h = tp.embed(self.w.embed, input_ids) if tp else self.w.embed.index_select(0, input_ids)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.w.layers):
             if residual is None:
@@ -144,22 +154,32 @@ class LlamaModel:
             q, k = ops.rotary(q.view(T, nh, hd), k.view(T, nkv, hd), self._cos, self._sin, positions)
             o = self.attn(q, k, v.view(T, nkv, hd), cache.k[i], cache.v[i], meta)
             h = lin(o.reshape(T, q_size), layer.o)
+            if tp:
+                tp.all_reduce(h)  # each rank's heads gave a partial sum of the projection
             x, residual = ops.add_rms_norm(h, residual, layer.ffn_norm, eps)
             h = lin(ops.silu_and_mul(lin(x, layer.gate_up)), layer.down)
+            if tp:
+                tp.all_reduce(h)  # and each rank's MLP channels
         if residual is None:  # a model with no layers
             return ops.rms_norm(h, self.w.final_norm, eps)
         return ops.add_rms_norm(h, residual, self.w.final_norm, eps)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits for the given hidden rows: [N, vocab]."""
-        return F.linear(hidden, self.w.lm_head).float()
+        """Float32 logits for the given hidden rows: [N, vocab] (gathered from every rank's
+        vocabulary slice under tensor parallelism)."""
+        logits = F.linear(hidden, self.w.lm_head)
+        if self.tp:
+            logits = self.tp.gather_vocab(logits)
+        return logits.float()
 
     @torch.inference_mode()
     def dense_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits for every position of one sequence with plain causal attention and no cache.
         A reference for tests: it shares no code with the paged path beyond the layer math
-        (FP8 weights go through fp8.linear with the plain-torch activation quantizer)."""
+        (FP8 weights go through fp8.linear with the plain-torch activation quantizer). One rank
+        only: it has no collectives."""
+        assert self.tp is None, "dense_logits is a single-rank reference"
         c = self.config
         ids = torch.tensor(token_ids, device=self.device)
         T = ids.shape[0]

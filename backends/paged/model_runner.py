@@ -21,6 +21,12 @@ on its thread pool with the GIL released) while the device computes the forward 
 it over (from a pinned buffer on CUDA) and unpacks it there; both sampling paths draw from the
 masked logits. A row whose sequence finished after the forward pass was launched gets no mask
 (its token is dropped at collect).
+
+Tensor parallelism (`tp`): every rank has a runner over its share of the model and its own KV
+pool (sized as one rank's, then the smallest of the ranks' taken by all, so block ids mean the
+same everywhere). Rank 0's runner is the engine's: `forward` sends each step's inputs to the
+other ranks first (`TensorParallel.send_step`), whose loop (tp_worker) hands them to
+`run_forward`, the part every rank runs, collectives included. Sampling stays on rank 0.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from backends.paged.kv_cache import KVCache, num_blocks_for_budget
 from backends.paged.memory_profile import profile_num_blocks
 from backends.paged.model import LlamaModel, TorchOps
 from backends.paged.options import EngineOptions
+from backends.paged.parallel import TensorParallel
 from backends.paged.sampler import Sample, sample_batch, sample_tokens_device, unpack_bitmask
 from backends.paged.scheduler import ScheduledSeq, SchedulerOutput
 from backends.paged.sequence import PENDING, Sequence, SeqStatus
@@ -108,8 +115,14 @@ def _pooled_chunks(prefills: list[ScheduledSeq]) -> list[tuple[Sequence, int, in
 class ModelRunner:
     """The device half of the engine. Not thread-safe: the engine's thread drives it."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, options: EngineOptions, *, decode_graphs: bool = True) -> None:
-        self.config = config
+    def __init__(
+        self, config: ModelConfig, weights: ModelWeights, options: EngineOptions, *, decode_graphs: bool = True, tp: TensorParallel | None = None
+    ) -> None:
+        self.config = config  # the whole model's (vocabulary width, grammar masks)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        # The shape this rank computes: its heads, KV heads and MLP channels.
+        local = self.tp.layout.local_config(config) if self.tp else config
+        self.local_config = local
         self.options = options
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
@@ -119,23 +132,26 @@ class ModelRunner:
             from backends.paged.attention import TritonPagedAttention
             from backends.paged.triton_ops import TritonOps
 
-            attention: Any = TritonPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
+            attention: Any = TritonPagedAttention(local.num_heads, local.num_kv_heads, local.head_dim)
             ops: Any = TritonOps()
         else:
-            attention, ops = TorchPagedAttention(config.num_heads, config.num_kv_heads, config.head_dim), TorchOps()
+            attention, ops = TorchPagedAttention(local.num_heads, local.num_kv_heads, local.head_dim), TorchOps()
         max_positions = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        self.model: LlamaModel | None = LlamaModel(config, weights, max_positions, attention=attention, ops=ops)
+        self.model: LlamaModel | None = LlamaModel(local, weights, max_positions, attention=attention, ops=ops, tp=self.tp)
         if options.num_blocks is not None:
             num_blocks = options.num_blocks
         elif self.device.type == "cuda":
             # vLLM's recipe: run the largest step once, then give the KV pool what is left of
             # gpu_memory_utilization after weights, that step's activations and the graphs.
-            num_blocks = profile_num_blocks(self.model, config, options, self.dtype)
+            # Every rank profiles its own GPU (the same step, so the collectives pair up).
+            num_blocks = profile_num_blocks(self.model, local, options, self.dtype)
         else:
-            num_blocks = num_blocks_for_budget(config, bs, self.dtype, int(options.kv_cache_gib * (1 << 30)))
+            num_blocks = num_blocks_for_budget(local, bs, self.dtype, int(options.kv_cache_gib * (1 << 30)))
+        if self.tp:
+            num_blocks = self.tp.min_int(num_blocks)  # one scheduler allocates for every rank's pool
         self.num_blocks = num_blocks
         self.max_model_len = min(max_positions, num_blocks * bs)
-        self.cache = KVCache(config, num_blocks, bs, self.dtype, self.device)
+        self.cache = KVCache(local, num_blocks, bs, self.dtype, self.device)
         self.graphs: Any = None  # a DecodeGraphRunner, or None: every step runs eagerly
         # `decode_graphs` off: an embedding model never decodes, so no graphs are captured.
         if self.device.type == "cuda" and self.kernels == "triton" and not options.enforce_eager and decode_graphs:
@@ -148,8 +164,17 @@ class ModelRunner:
                 max_blocks_per_seq=-(-self.max_model_len // bs),
                 max_context=self.max_model_len,
                 splits_for=lambda b, ctx: attention.decode_splits(b, ctx, self.device),
+                capture_error_mode="thread_local" if self.tp else "global",
             )
-            self.graphs.capture()
+            try:
+                self.graphs.capture()
+            except RuntimeError as exc:
+                if self.tp:  # the collectives inside the graphs are what is new here
+                    raise RuntimeError(
+                        f"capturing the decode CUDA graphs with tensor_parallel_size {self.tp.size} failed ({exc}); "
+                        "set enforce_eager: true to run without them"
+                    ) from exc
+                raise
         self.last_step: StepInfo | None = None
         pin = self.device.type == "cuda"
         # Two host buffers (and events) for sampled tokens, used in turn: one step's copy
@@ -266,8 +291,20 @@ class ModelRunner:
     def forward(self, inp: StepInputs, pooled: list[tuple[Sequence, int, int, int]] | None = None) -> torch.Tensor:
         """Run the step's model; return float32 logits of its sample rows, in row order.
         `pooled`: (embedding sequence, first row, rows, first position) of each embedding
-        chunk, whose hidden rows are added to the sequence's pooled state (in float32)."""
+        chunk, whose hidden rows are added to the sequence's pooled state (in float32).
+        Under tensor parallelism the other ranks get the step first and run it alongside."""
+        if self.tp:
+            self.tp.send_step(inp)
+        return self.run_forward(inp, pooled)
+
+    def run_forward(self, inp: StepInputs, pooled: list[tuple[Sequence, int, int, int]] | None = None) -> torch.Tensor:
+        """`forward` without sending the step: what every tensor-parallel rank runs for it
+        (ranks 1..N-1 from their loop, tp_worker), in the same order of collectives."""
         assert self.model is not None, "the runner's model was released"
+        if self.tp and inp.prev_rows is not None:
+            # Ids sampled on rank 0's device last step: broadcast on the device, no host sync.
+            assert inp.prev_tokens is not None
+            inp.prev_tokens = self.tp.broadcast(inp.prev_tokens.contiguous())
         graph = self.graphs is not None and self.graphs.can_run(inp)
         self.last_step = StepInfo(inp.num_prefill_tokens, inp.num_decodes, int(inp.context_lens.sum()), graph)
         if graph:

@@ -46,6 +46,10 @@ class EngineOptions(BackendOptions, EmbeddingOptions):
     # inputs quantized per token, GEMMs on FP8 tensor cores (backends/paged/fp8.py). CUDA only,
     # compute capability 8.9+; the embeddings, lm_head and KV cache stay in `dtype` (bf16).
     quantization: Literal["fp8"] | None = None
+    # Ranks the model is split across (tensor parallelism, backends/paged/parallel.py): one
+    # process per rank, NCCL between GPUs (one GPU each), gloo on the CPU. The model's shape
+    # must split evenly (check_tensor_parallel, once the shape is known).
+    tensor_parallel_size: int = Field(default=1, ge=1)
 
     @field_validator("quantization")
     @classmethod
@@ -63,6 +67,26 @@ class EngineOptions(BackendOptions, EmbeddingOptions):
         if dtype not in ("auto", "bfloat16", "bf16"):
             raise ValueError(f"fp8 computes its GEMM outputs in bfloat16; dtype {dtype} does not go with it (use auto or bfloat16)")
         return value
+
+    def check_tensor_parallel(self, *, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+        """Raise ValueError, naming the option, unless the model splits evenly over
+        `tensor_parallel_size` ranks: query heads and the MLP's intermediate size must divide by
+        it, and KV heads either divide by it (each rank holds its share) or divide it (each rank
+        holds the one KV head its query heads read, replicated). The vocabulary needs nothing:
+        it is padded to a multiple of the size."""
+        n = self.tensor_parallel_size
+        if n == 1:
+            return
+        prefix = f"paged backend option tensor_parallel_size: {n}"
+        if num_heads % n:
+            raise ValueError(f"{prefix} does not divide the model's {num_heads} attention heads; use a divisor of {num_heads}")
+        if intermediate_size % n:
+            raise ValueError(f"{prefix} does not divide the model's MLP intermediate size {intermediate_size}")
+        if num_kv_heads % n and n % num_kv_heads:
+            raise ValueError(
+                f"{prefix} and the model's {num_kv_heads} KV heads: one must divide the other "
+                "(KV heads are split across ranks, or replicated when there are more ranks than KV heads)"
+            )
 
     def kernel_kind(self, device: torch.device) -> str:
         """The kernels to use on this device: "triton" or "torch"."""

@@ -2,11 +2,14 @@
 
 Every source is first turned into a dict keyed by HF parameter names, then packed into
 `ModelWeights` (q/k/v and gate/up fused so each layer makes two big matmuls instead of five).
+Under tensor parallelism each loader takes a `select` hook (shard.selector) that cuts every
+tensor to the rank's slice as it is read, so a rank never holds the whole model.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,9 @@ import torch
 
 from backends.paged.config import ModelConfig
 from backends.paged.fp8 import Fp8Weight
+
+# (HF name, whole tensor) -> the tensor to keep (a rank's slice); None keeps every tensor whole.
+Select = Callable[[str, torch.Tensor], torch.Tensor] | None
 
 
 @dataclass
@@ -34,6 +40,10 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
+    """A model's (or, under tensor parallelism, one rank's) tensors: a rank holds its rows of
+    embed and lm_head ([V / N padded, H]) and its heads' and channels' rows or columns of each
+    layer's linear weights (parallel.py)."""
+
     embed: torch.Tensor  # [V, H]
     lm_head: torch.Tensor  # [V, H]; the same storage as embed when tied
     final_norm: torch.Tensor  # [H]
@@ -103,8 +113,8 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
-def load_gguf_tensors(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF file, dequantized to float32, under HF names."""
+def load_gguf_tensors(reader: Any, config: ModelConfig, select: Select = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file, dequantized to float32, under HF names (each cut by `select`)."""
     from gguf import dequantize
 
     out: dict[str, torch.Tensor] = {}
@@ -124,12 +134,14 @@ def load_gguf_tensors(reader: Any, config: ModelConfig) -> dict[str, torch.Tenso
                 tensor = unpermute_rope_rows(tensor, config.num_heads)
             elif hf.endswith(("k_proj.weight", "k_proj.bias")):
                 tensor = unpermute_rope_rows(tensor, config.num_kv_heads)
-        out[hf] = tensor
+        out[hf] = tensor if select is None else select(hf, tensor)
     return out
 
 
-def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF model directory's *.safetensors files."""
+def load_safetensors(model_dir: Path, select: Select = None) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory's *.safetensors files (each cut by `select`, one
+    tensor read at a time)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
@@ -137,15 +149,24 @@ def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {model_dir}")
     for f in files:
-        out.update(load_file(str(f)))
+        if select is None:
+            out.update(load_file(str(f)))
+            continue
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                out[name] = select(name, st.get_tensor(name))
     return out
 
 
-def random_tensors(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_tensors(
+    config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, select: Select = None
+) -> dict[str, torch.Tensor]:
     """Random weights in HF naming, scaled so activations stay O(1) through the layers.
 
     On CUDA they are drawn on the device in the compute dtype (an 8B model in a second instead
-    of minutes of CPU time); the values depend on the device, the seed fixes them per device."""
+    of minutes of CPU time); the values depend on the device, the seed fixes them per device.
+    With `select` each tensor is drawn whole (so a rank's slice holds the values the whole
+    model has) and cut at once."""
     g = torch.Generator(device=device).manual_seed(seed)
     H, I, hd = config.hidden_size, config.intermediate_size, config.head_dim
 
@@ -155,7 +176,9 @@ def random_tensors(config: ModelConfig, seed: int = 0, device: torch.device | st
     def norm() -> torch.Tensor:
         return 1.0 + rnd(H, std=0.1)
 
-    out = {"model.embed_tokens.weight": rnd(config.vocab_size, H, std=1.0), "model.norm.weight": norm()}
+    out = _Selected(select)
+    out["model.embed_tokens.weight"] = rnd(config.vocab_size, H, std=1.0)
+    out["model.norm.weight"] = norm()
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = rnd(config.vocab_size, H, std=H**-0.5)
     for i in range(config.num_layers):
@@ -173,7 +196,18 @@ def random_tensors(config: ModelConfig, seed: int = 0, device: torch.device | st
         out[p + "mlp.gate_proj.weight"] = rnd(I, H, std=H**-0.5)
         out[p + "mlp.up_proj.weight"] = rnd(I, H, std=H**-0.5)
         out[p + "mlp.down_proj.weight"] = rnd(H, I, std=I**-0.5)
-    return out
+    return dict(out)
+
+
+class _Selected(dict[str, torch.Tensor]):
+    """A dict that keeps what `select` makes of each tensor stored in it."""
+
+    def __init__(self, select: Select) -> None:
+        super().__init__()
+        self._select = select
+
+    def __setitem__(self, name: str, t: torch.Tensor) -> None:
+        super().__setitem__(name, t if self._select is None else self._select(name, t))
 
 
 def pack_weights(tensors: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype, device: torch.device) -> ModelWeights:

@@ -8,6 +8,7 @@ decides whether and when to start another."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -260,7 +261,8 @@ class WorkerProcess:
     async def kill(self) -> None:
         if self.alive:
             assert self.proc is not None
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it died before its exit was reaped
+                self.proc.kill()
             await asyncio.shield(self._tasks[1])
         await self._cleanup()
 

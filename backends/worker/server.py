@@ -50,8 +50,19 @@ def build_backend(spec: m.WorkerSpec) -> LocalBackend:
     if spec.kind == "paged":
         from backends.paged.backend import PagedBackend
 
-        return PagedBackend(name=spec.name, model=spec.model, model_id=spec.model_id, task=spec.task, **spec.options)
+        return PagedBackend(
+            name=spec.name, model=spec.model, model_id=spec.model_id, task=spec.task, on_rank_failure=_rank_failed, **spec.options
+        )  # fmt: skip
     raise ValueError(f"kind {spec.kind!r} has no engine worker")
+
+
+def _rank_failed(reason: str) -> None:
+    """A tensor-parallel rank of the engine died: the engine cannot run a step (NCCL would
+    wait out its timeout), so this worker exits, its requests get clean errors in the gateway,
+    and the gateway starts it again with fresh ranks (the other ranks follow us out)."""
+    log.error("tensor-parallel %s; the engine worker exits to be restarted", reason)
+    logging.shutdown()
+    os._exit(70)
 
 
 def _rss_bytes() -> int:

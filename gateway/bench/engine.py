@@ -25,6 +25,11 @@ The roofline: a decode step must read every weight once and the KV of every cont
 once; that many bytes over the device's measured copy bandwidth (bytes read + written by a
 large device-to-device copy) is the step's floor. Efficiency = floor / measured step time,
 summed over the pure-decode steps.
+
+`--tensor-parallel-size N` runs the engine on N GPUs (`tensor_parallel_size`: this process is
+rank 0 and starts the others); the roofline is then one GPU's: its share of the weights and
+of the KV over its bandwidth, the ranks reading in parallel. The transformers peer runs only
+at N = 1 (it needs the whole model on one GPU).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-SHAPES = ("smollm2-135m", "llama3-1b", "llama3-8b", "tiny")  # tiny: CPU smoke runs
+SHAPES = ("smollm2-135m", "llama3-1b", "llama3-8b", "llama3-70b", "tiny")  # tiny: CPU smoke runs
 
 # --json-schema's schema: a few unbounded fields, so that a random model's strings mostly run
 # to max_tokens, as the unconstrained requests do, and the batch stays comparable.
@@ -140,6 +145,7 @@ class EngineResult:
     profile: dict[str, Any] = field(default_factory=dict)
     async_scheduling: bool = False
     quantization: str | None = None  # "fp8", or None: the weights in the compute dtype
+    tensor_parallel_size: int = 1  # GPUs (ranks) the model is split across; the roofline is one rank's
     finished_stop: int = 0  # requests that ended with "stop" (EOS: with a grammar, its object complete)
 
 
@@ -178,6 +184,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
         async_scheduling=False if getattr(args, "sync_scheduling", False) else None,
         seed=args.seed,
         quantization=quantization(args),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
     _sync(torch, cuda)
     load_s = time.perf_counter() - t0
@@ -270,9 +277,10 @@ def time_requests(
     ttft = [(first[r.request_id] - t_start) * 1e3 for r in reqs if r.request_id in first]
     tpot = [(last[r.request_id] - first[r.request_id]) * 1e3 / (count[r.request_id] - 1) for r in reqs if count.get(r.request_id, 0) > 1]
 
-    # Decode roofline over pure-decode steps: weights once + every context token's K and V.
+    # Decode roofline over pure-decode steps: weights once + every context token's K and V
+    # (this rank's share of both under tensor parallelism).
     weight_bytes = engine.model.w.nbytes()
-    kv_token_bytes = bytes_per_block(cfg, 1, engine.dtype)
+    kv_token_bytes = bytes_per_block(engine.runner.local_config, 1, engine.dtype)
     dec = [(wall, info, sum(a.elapsed_time(b) for a, b in pairs)) for wall, info, pairs in steps if info.num_prefill_tokens == 0]
     floor_s = sum((weight_bytes + info.context_tokens * kv_token_bytes) / bw for _, info, _ in dec) if bw else 0.0
     wall_s = sum(w for w, _, _ in dec)
@@ -315,6 +323,7 @@ def time_requests(
         profile=prof_result,
         async_scheduling=engine.async_scheduling,
         quantization=engine.options.quantization,
+        tensor_parallel_size=engine.options.tensor_parallel_size,
         finished_stop=stopped,
     )
     return result, texts
@@ -352,6 +361,7 @@ def release_engine(engine: Any) -> None:
     engine.cache.v.clear()
     engine.graphs = None
     engine.model = None
+    engine.close()  # tensor-parallel ranks, if any
     gc.unfreeze()
     gc.collect()
     if torch.cuda.is_available():
@@ -548,6 +558,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="fp8: FP8 weights (per channel) and activations (per token), GEMMs on FP8 tensor cores (CUDA, compute capability 8.9+)")
     p.add_argument("--compare-quantization", action="store_true",
                    help="run the workload on the bf16 engine, then on an FP8 one (same weights), in one process")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs to split the model across (one rank each; NCCL); the roofline is then one GPU's")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -572,7 +584,8 @@ def print_table(report: dict[str, Any]) -> None:
     rf = e["roofline"]
     rows = [
         ("shape / workload", f"{e['shape']} / {e['workload']} ({e['num_requests']} req, {e['prompt_tokens']} prompt + {e['output_tokens']} output tok)"
-         + (f", {e['quantization']}" if e.get("quantization") else "")),
+         + (f", {e['quantization']}" if e.get("quantization") else "")
+         + (f", tensor parallel x{e['tensor_parallel_size']}" if e.get("tensor_parallel_size", 1) > 1 else "")),
         ("output tok/s", f"{e['output_tok_s']:,.0f}"),
         ("total tok/s", f"{e['total_tok_s']:,.0f}"),
         ("duration", f"{e['duration_s']:.2f} s"),
@@ -620,6 +633,9 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("turnout bench engine needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
+    if args.device == "cuda" and torch.cuda.device_count() < args.tensor_parallel_size:
+        print(f"turnout bench engine: --tensor-parallel-size {args.tensor_parallel_size} needs as many GPUs; this machine has {torch.cuda.device_count()}", file=sys.stderr)
+        return 2
     if args.compare_quantization or quantization(args) == "fp8":
         # Refused here, before any run: an FP8 engine on the CPU or on a GPU without FP8.
         error = fp8_refusal(args)
@@ -645,7 +661,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.json_schema:  # before the peer, which takes the engine's weights
         report["engine_json_schema"] = run_json_schema(engine, args, work, bw)
-    if not args.no_transformers and args.device == "cuda":
+    if args.tensor_parallel_size > 1 and not args.no_transformers:
+        report["transformers"] = {"skipped": "the transformers peer runs the whole model on one GPU: run it at --tensor-parallel-size 1"}
+    elif not args.no_transformers and args.device == "cuda":
         try:
             report["transformers"] = run_transformers(engine, work, args)
         except Exception as exc:  # the peer failing must not lose our numbers
@@ -658,6 +676,7 @@ def run(args: argparse.Namespace) -> int:
         fp8_result, engine = run_engine(argparse.Namespace(**{**vars(args), "quantization": "fp8"}), work, bw)
         report["engine_fp8"] = asdict(fp8_result)
         report["fp8_speedup"] = fp8_result.output_tok_s / result.output_tok_s
+    engine.close()  # tensor-parallel ranks, if any
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=2, default=str)
