@@ -22,7 +22,6 @@ import datetime
 import logging
 import os
 import pickle
-import signal
 import struct
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch.distributed as dist
 from backends.paged.config import ModelConfig
 from backends.paged.options import EngineOptions
 from backends.paged.parallel import TensorParallel, destroy_tensor_parallel, init_tensor_parallel
+from backends.process_exit import exit_reason
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,6 @@ def read_spec(fd: int) -> RankSpec:
 
     (n,) = _LEN.unpack(exactly(_LEN.size))
     return pickle.loads(exactly(n))
-
-
-def exit_reason(returncode: int) -> str:
-    """`SIGKILL`, ... for a signal; `exit code N` otherwise."""
-    if returncode < 0:
-        try:
-            return signal.Signals(-returncode).name
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit code {returncode}"
 
 
 def _visible_gpus() -> list[str]:

@@ -37,7 +37,8 @@ from backends.protocol import (
     parse_keep_alive,
 )
 from backends.worker import messages as m
-from backends.worker.process import LoadError, RequestStream, WorkerProcess, exit_reason
+from backends.process_exit import exit_reason
+from backends.worker.process import LoadError, RequestStream, WorkerProcess
 
 log = logging.getLogger("turnout.worker")
 

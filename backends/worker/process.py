@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import uuid
@@ -26,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from backends.generation import GenerationDelta
+from backends.process_exit import exit_reason
 from backends.protocol import (
     BackendError,
     ContextLengthExceeded,
@@ -50,16 +50,6 @@ class LoadError(UpstreamError):
     """The worker could not load its model (it said so, or died trying)."""
 
     code = "model_load_failed"
-
-
-def exit_reason(returncode: int) -> str:
-    """`SIGKILL`, `SIGILL`, ... for a signal; `exit code N` otherwise."""
-    if returncode < 0:
-        try:
-            return signal.Signals(-returncode).name
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit code {returncode}"
 
 
 def error_from(failed: m.Failed) -> BackendError:

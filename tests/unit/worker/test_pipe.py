@@ -8,7 +8,8 @@ import pytest
 from backends.generation import GenerationDelta, TokenLogprob
 from backends.protocol import BackendError, ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded
 from backends.worker import messages as m
-from backends.worker.process import RequestStream, WorkerDied, error_from, exit_reason
+from backends.process_exit import exit_reason
+from backends.worker.process import RequestStream, WorkerDied, error_from
 
 
 def test_messages_round_trip_in_one_batch() -> None:
