@@ -1,7 +1,7 @@
-"""Servers the dialect tests share (Anthropic, Ollama, Responses, embeddings): a turnout node
-serving the real SmolLM2 on both local engines, a gateway reaching that node through remote
-backends, and a gateway with API keys on. Session-scoped: each
-loads the model once for every dialect's module. Import the fixtures into a test module with
+"""Servers the dialect tests (Anthropic, Ollama, Responses, embeddings) and the agent-contract
+tests share: a turnout node serving the real SmolLM2 on both local engines, a gateway reaching
+that node through remote backends, and a gateway with API keys on. Session-scoped: each loads
+the model once for every module that uses it. Import the fixtures into a test module with
 `from tests.integration.dialect_servers import *  # noqa: F403`."""
 
 from __future__ import annotations

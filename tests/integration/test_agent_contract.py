@@ -6,21 +6,16 @@ with a tool result), JSON-schema outputs, and n > 1; the JSON is checked with js
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Server, start_server
+from tests.integration.dialect_servers import *  # noqa: F403
+from tests.integration.dialect_servers import LLAMA, MODELS, PAGED, REMOTE_LLAMA, REMOTE_PAGED, Served
 
 pytestmark = pytest.mark.slow
-
-LLAMA, PAGED = "smollm2-135m", "smollm2-135m-paged"
-REMOTE_LLAMA, REMOTE_PAGED = "remote-llama", "remote-paged"
-MODELS = [LLAMA, PAGED, REMOTE_LLAMA, REMOTE_PAGED]
 
 WEATHER_PARAMS = {
     "type": "object",
@@ -55,45 +50,11 @@ PERSON = {
 
 
 @pytest.fixture(scope="module")
-def node(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A turnout node serving SmolLM2 on both local engines."""
-    config = {
-        "server": {"host": "127.0.0.1"},
-        "backends": [
-            {"name": "llama", "kind": "llamacpp", "model": str(model_path), "served_name": LLAMA, "options": {"n_ctx": 2048, "instances": 1}},
-            {"name": "paged", "kind": "paged", "model": str(model_path), "served_name": PAGED,
-             "options": {"num_blocks": 256, "max_model_len": 2048, "max_num_seqs": 8, "num_threads": 1}},
-        ],
-    }  # fmt: skip
-    server = start_server(config, tmp_path_factory.mktemp("agent-node"), ready_timeout_s=120)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(node: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A gateway whose backends are that node's two models, as remote backends."""
-    url = node.url + "/v1"
-    config = {
-        "server": {"host": "127.0.0.1"},
-        "backends": [
-            {"name": "node-llama", "kind": "remote", "model": LLAMA, "url": url, "served_name": REMOTE_LLAMA},
-            {"name": "node-paged", "kind": "remote", "model": PAGED, "url": url, "served_name": REMOTE_PAGED},
-        ],
-        "routes": [
-            {"model": REMOTE_LLAMA, "backends": ["node-llama"], "timeouts": {"first_token_s": 120, "total_s": 300}},
-            {"model": REMOTE_PAGED, "backends": ["node-paged"], "timeouts": {"first_token_s": 120, "total_s": 300}},
-        ],
-    }
-    server = start_server(config, tmp_path_factory.mktemp("agent-gw"), ready_timeout_s=60)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def clients(node: Server, gateway: Server) -> dict[str, openai.OpenAI]:
-    local = openai.OpenAI(base_url=node.base_url, api_key="unused", max_retries=0, timeout=300)
-    remote = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=300)
+def clients(served: Served) -> dict[str, openai.OpenAI]:
+    """The node serving both local engines, and the gateway reaching them as remotes (the
+    dialect tests' session servers)."""
+    local = openai.OpenAI(base_url=served.node.base_url, api_key="unused", max_retries=0, timeout=300)
+    remote = openai.OpenAI(base_url=served.gateway.base_url, api_key="unused", max_retries=0, timeout=300)
     return {LLAMA: local, PAGED: local, REMOTE_LLAMA: remote, REMOTE_PAGED: remote}
 
 
