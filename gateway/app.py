@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from opentelemetry.trace import TracerProvider
 
+from backends.worker.shared import EngineHostClient
 from gateway import console
 from gateway.auth import AuthMiddleware
 from gateway.dialects import anthropic, ollama, responses
@@ -27,12 +28,17 @@ from gateway.tracing import Tracing
 from policies.schema import Config
 
 def create_app(
-    config: Config, *, config_path: str | Path | None = None, tracer_provider: TracerProvider | None = None
+    config: Config,
+    *,
+    config_path: str | Path | None = None,
+    tracer_provider: TracerProvider | None = None,
+    engine_host: EngineHostClient | None = None,
 ) -> FastAPI:
     """Build the gateway for `config`. Backends start in the app's lifespan. With
     `config_path`, the policy reloads from that file (on change, SIGHUP, /admin/reload).
-    `tracer_provider`: tracing for tests; otherwise OpenTelemetry's OTEL_* variables decide."""
-    registry = BackendRegistry(config)
+    `tracer_provider`: tracing for tests; otherwise OpenTelemetry's OTEL_* variables decide.
+    `engine_host`: local models are shared through it (an HTTP process of `--workers N`)."""
+    registry = BackendRegistry(config, engine_host)
     prometheus, load_collector = build_metrics_registry(registry, lambda: runtime.snapshot.dispatcher)
     runtime = GatewayRuntime(
         config,
@@ -95,11 +101,16 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """The app of one worker of `turnout serve --workers N` (uvicorn imports it by name in
-    each worker process): the config file comes from TURNOUT_CONFIG. A spawned worker runs
-    no `main`, so its logging is set up here, as the CLI's."""
+    """The app of one HTTP process of `turnout serve --workers N` (uvicorn imports it by name
+    in each process): the config file comes from TURNOUT_CONFIG, the engine host's address
+    and pid from TURNOUT_ENGINE_HOST. A spawned process runs no `main`, so its logging is set
+    up here, as the CLI's."""
     from gateway.cli import configure_logging
 
     configure_logging()
     path = os.environ.get("TURNOUT_CONFIG") or None
-    return create_app(load_config(path), config_path=path)
+    host = None
+    if os.environ.get("TURNOUT_ENGINE_HOST"):
+        address, _, pid = os.environ["TURNOUT_ENGINE_HOST"].rpartition("#")
+        host = EngineHostClient(address, int(pid))
+    return create_app(load_config(path), config_path=path, engine_host=host)

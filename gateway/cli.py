@@ -95,27 +95,35 @@ def uvicorn_options(config: Config) -> dict[str, object]:
 
 
 def _serve_workers(args: argparse.Namespace, config: Config, host: str, port: int) -> None:
-    """Several worker processes on one port. Each loads its own backends (use remote
-    backends, or one worker per in-process model); share rate limits through Redis; the
-    workers' metrics are summed through prometheus_client's multiprocess mode. The
-    connection guard's limits travel to the workers inside uvicorn's (pickled) config;
-    `server.max_connections` applies per worker."""
+    """Several HTTP processes on one port (uvicorn's workers) in front of one engine host,
+    which supervises the local models they all share (gateway/engine_host.py): one engine
+    worker per model, whatever N is, as vLLM's API servers share one EngineCore. Share rate
+    limits through Redis; the processes' metrics are summed through prometheus_client's
+    multiprocess mode. The connection guard's limits travel to the processes inside
+    uvicorn's (pickled) config; `server.max_connections` applies per process."""
     import tempfile
 
     import uvicorn
 
+    from gateway.engine_host import HostSupervisor
+
     os.environ["TURNOUT_CONFIG"] = str(Path(args.config).resolve()) if args.config else ""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="turnout-metrics-")
-    uvicorn.run(
-        "gateway.app:app_from_env",
-        factory=True,
-        workers=args.workers,
-        host=host,
-        port=port,
-        log_level=args.log_level,
-        **uvicorn_options(config),
-    )
+    engine_host = HostSupervisor()
+    os.environ["TURNOUT_ENGINE_HOST"] = f"{engine_host.address}#{engine_host.pid}"
+    try:
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            workers=args.workers,
+            host=host,
+            port=port,
+            log_level=args.log_level,
+            **uvicorn_options(config),
+        )
+    finally:
+        engine_host.stop()
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -372,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="policy file (default: the embedded config/default.yaml)")
     serve.add_argument("--host", help="bind address (overrides server.host)")
     serve.add_argument("--port", type=int, help="port (overrides server.port)")
-    serve.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
+    serve.add_argument("--workers", type=_positive, default=1, help="HTTP processes (default 1); with more, one engine host supervises the local models all of them share")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

@@ -14,8 +14,10 @@ from backends.options import BackendOptions, describe
 from backends.paged.options import EngineOptions
 from backends.protocol import Backend, BackendError, ModelCard
 from backends.remote.options import LiteLLMOptions, RemoteOptions
-from backends.worker.backend import WorkerBackend
+from backends.worker.backend import LocalModelBackend, WorkerBackend
+from backends.worker.control import LocalModel
 from backends.worker.messages import WorkerSpec
+from backends.worker.shared import EngineHostClient, SharedWorkerBackend
 from gateway.residency import ModelResidency
 from policies.schema import BackendConfig, Config, ConfigError, problems
 
@@ -51,17 +53,19 @@ def check_options(config: Config, text: str | None = None, source: str | None = 
         raise ConfigError("\n".join(found))
 
 
-def build_backend(cfg: BackendConfig, residency: ModelResidency | None = None) -> Backend:
+def build_backend(cfg: BackendConfig, residency: ModelResidency | None = None, host: EngineHostClient | None = None) -> Backend:
     """Construct (but do not start) the backend a config entry describes. Bad options
     raise ConfigError naming the backend and the options. Local kinds become WorkerBackends:
-    their model runs in an engine worker process, never in the serving process."""
+    their model runs in an engine worker process, never in the serving process; with `host`
+    (an HTTP process of `turnout serve --workers N`), SharedWorkerBackends, whose workers the
+    engine host supervises."""
     try:
         options = backend_options(cfg)
     except ValidationError as exc:
         raise ConfigError(f"backend {cfg.name!r} ({cfg.kind}): {describe(exc, OPTIONS_MODELS[cfg.kind])}") from None
     try:
         if isinstance(options, (LlamaCppOptions, EngineOptions)):
-            return _worker_backend(cfg, options, residency)
+            return _worker_backend(cfg, options, residency, host)
         if isinstance(options, RemoteOptions):
             from backends.remote.openai_http import RemoteBackend
 
@@ -80,7 +84,9 @@ def build_backend(cfg: BackendConfig, residency: ModelResidency | None = None) -
     raise ConfigError(f"backend {cfg.name!r}: kind {cfg.kind!r} is not supported")
 
 
-def _worker_backend(cfg: BackendConfig, options: LlamaCppOptions | EngineOptions, residency: ModelResidency | None) -> WorkerBackend:
+def _worker_backend(
+    cfg: BackendConfig, options: LlamaCppOptions | EngineOptions, residency: ModelResidency | None, host: EngineHostClient | None
+) -> LocalModelBackend:
     """Options were checked here, in the serving process, with the option models alone (no
     llama_cpp or torch import): a bad policy fails at `turnout check` and at reload. The
     worker gets them as written and validates them again where the engine is built."""
@@ -88,14 +94,26 @@ def _worker_backend(cfg: BackendConfig, options: LlamaCppOptions | EngineOptions
         window, max_running, block_size = options.n_ctx, options.instances, 0
     else:
         window, max_running, block_size = options.max_model_len, options.max_num_seqs, options.block_size
-    return WorkerBackend(
+    path = _model_file(cfg.model)
+    model = LocalModel(
         WorkerSpec(kind=cfg.kind, name=cfg.name, model=cfg.model, model_id=cfg.model_id(), options=dict(cfg.options), task=cfg.task),
         keep_alive_s=cfg.keep_alive_s(),
         preload=cfg.preload,
         context_window=window,
         max_running=max_running,
         block_size=block_size,
-        model_path=_model_file(cfg.model),
+        model_path=str(path) if path else None,
+    )
+    if host is not None:
+        return SharedWorkerBackend(model, host, lambda: residency.budget_bytes if residency is not None else None)
+    return WorkerBackend(
+        model.spec,
+        keep_alive_s=model.keep_alive_s,
+        preload=model.preload,
+        context_window=window,
+        max_running=max_running,
+        block_size=block_size,
+        model_path=path,
         before_load=residency.before_load if residency is not None else None,
     )
 
@@ -114,12 +132,13 @@ class BackendRegistry:
     """Owns the backends: builds, starts and closes them; on a reload, keeps the ones whose
     config did not change and starts only what is new."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, host: EngineHostClient | None = None) -> None:
         self.config = config
+        self.host = host  # the engine host's client, in an HTTP process of `turnout serve --workers N`
         self.residency = ModelResidency(config.server.model_memory_budget_gib, lambda: self.backends.values())
         check_options(config)  # every bad option at once, by field
         self.configs: dict[str, BackendConfig] = {b.name: b for b in config.backends}
-        self.backends: dict[str, Backend] = {b.name: build_backend(b, self.residency) for b in config.backends}
+        self.backends: dict[str, Backend] = {b.name: build_backend(b, self.residency, host) for b in config.backends}
         self.started = False
 
     async def start(self) -> None:
@@ -129,6 +148,8 @@ class BackendRegistry:
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+        if self.host is not None:
+            await self.host.close()
 
     async def update(self, config: Config) -> list[Backend]:
         """Adopt a new config's backends. New or changed ones are built and started before
@@ -136,7 +157,7 @@ class BackendRegistry:
         longer used, for the caller to close once their requests are done. (Options were
         checked when the policy was read: gateway.policy_file.)"""
         fresh = {b.name: b for b in config.backends if self.configs.get(b.name) != b}
-        built = {name: build_backend(cfg, self.residency) for name, cfg in fresh.items()}
+        built = {name: build_backend(cfg, self.residency, self.host) for name, cfg in fresh.items()}
         try:
             await asyncio.gather(*(b.start() for b in built.values()))
         except BaseException:

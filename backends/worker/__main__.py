@@ -1,4 +1,4 @@
-"""`python -m backends.worker SPEC_JSON IN_ADDR OUT_ADDR`: one engine worker process."""
+"""`python -m backends.worker SPEC_JSON IN_ADDR OWNER_ADDR`: one engine worker process."""
 
 import sys
 

@@ -38,7 +38,8 @@ from backends.protocol import (
 )
 from backends.worker import messages as m
 from backends.process_exit import exit_reason
-from backends.worker.process import LoadError, RequestStream, WorkerProcess
+from backends.worker.pipe import LoadError, RequestStream
+from backends.worker.process import WorkerProcess
 
 log = logging.getLogger("turnout.worker")
 
@@ -50,81 +51,27 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a worker that lived this long resets the backoff
 
 
-class WorkerBackend:
-    """A local backend (llamacpp, paged) whose model runs in a supervised worker process."""
+class LocalModelBackend:
+    """What every local backend of a serving process has, whether it owns its engine worker
+    (WorkerBackend) or shares one supervised by the engine host (SharedWorkerBackend, with
+    `turnout serve --workers N`): the Backend protocol over a request's `RequestStream`, and
+    the state that `turnout ps`, Ollama's ps and the memory budget read."""
 
-    def __init__(
-        self,
-        spec: m.WorkerSpec,
-        *,
-        keep_alive_s: float,
-        preload: bool = False,
-        context_window: int | None = None,
-        max_running: int = 1,
-        block_size: int = 0,
-        model_path: Path | None = None,
-        before_load: Callable[[WorkerBackend], Awaitable[None]] | None = None,
-    ) -> None:
-        self.spec = spec
-        self.name = spec.name
-        self.model_id = spec.model_id
-        self.keep_alive_s = keep_alive_s
-        self.preload = preload
-        self.before_load = before_load
-        self.state: State = "unloaded"
-        self.restarts = 0  # workers started again after a crash
-        self.last_exit: str | None = None  # why the last worker ended, when it was not asked to
-        self.load_error: str | None = None
-        self.last_used = 0.0  # monotonic time of the last request's start
-        self.expires_at: float | None = None  # wall-clock time the idle model unloads at
-        self._context_window = context_window
-        self._max_running = max_running
-        self._block_size = block_size
-        self._model_path = model_path
-        self._worker: WorkerProcess | None = None
-        self._started_at = 0.0
-        self._crashes_in_a_row = 0
-        self._in_flight = 0
-        self._next_keep_alive: float | None = None
-        self._last_load: m.Load | None = None
-        self._last_rss = 0
-        self._lock = asyncio.Lock()
-        self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
+    spec: m.WorkerSpec
+    name: str
+    model_id: str
+    state: State
+    restarts: int
+    last_exit: str | None
+    load_error: str | None
+    expires_at: float | None
 
-    # -- lifecycle --------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Load now with `preload`; otherwise on the first request."""
-        if self.preload:
-            await self._ensure_loaded()
-
-    async def close(self) -> None:
-        self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        await self.unload()
-
-    async def unload(self) -> None:
-        """Stop the worker (its requests, if any, are aborted)."""
-        self._cancel_timer()
-        worker, self._worker = self._worker, None
-        if self.state in ("ready", "loading"):
-            self.state = "unloaded"
-        self.expires_at = None
-        if worker is not None:
-            await worker.stop()
-
-    # -- the Backend protocol -----------------------------------------------------------------------
+    _last_load: m.Load | None
+    _block_size: int
+    _max_running: int
 
     def models(self) -> list[ModelCard]:
         return [ModelCard(id=self.model_id, max_model_len=self.context_window)]
-
-    @property
-    def context_window(self) -> int | None:
-        ready = self._worker.ready if self._worker is not None else None
-        return ready.context_window if ready is not None else self._context_window
 
     def load(self) -> LoadReport:
         """The worker's last report; an unloaded model is healthy (it loads on demand), a
@@ -132,7 +79,7 @@ class WorkerBackend:
         healthy = self.state != "restarting"
         last = self._last_load if self.state == "ready" else None
         if last is None:
-            return LoadReport(block_size=self._block_size, max_running=self._max_running, running=self._in_flight, healthy=healthy)
+            return LoadReport(block_size=self._block_size, max_running=self._max_running, running=self.in_flight, healthy=healthy)
         return LoadReport(
             kv_usage=last.kv_usage,
             kv_free_blocks=last.kv_free_blocks,
@@ -148,6 +95,46 @@ class WorkerBackend:
         """The engine's counters under vLLM's names (paged) and the worker's own
         (`turnout:requests_aborted`), from its last report; a new worker counts from 0."""
         return dict(self._last_load.stats) if self._last_load is not None else {}
+
+    @property
+    def context_window(self) -> int | None:
+        raise NotImplementedError
+
+    async def _submit(self, kind: str, body: bytes, keep_alive: float | None) -> RequestStream:
+        """Send a request to a loaded worker (loading it first if needed)."""
+        raise NotImplementedError
+
+    async def unload(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def loaded(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def in_flight(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        raise NotImplementedError
+
+    async def _open(self, kind: str, request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> RequestStream:
+        """Submit a request and wait until the worker accepted it. A `task: embed` backend
+        refuses chat and completions before loading anything."""
+        if kind != "embeddings" and self.spec.task == "embed":
+            raise InvalidRequest(embedding_only_message(self.model_id), param="model")
+        keep_alive = parse_keep_alive(request.keep_alive) if request.keep_alive is not None else None
+        stream = await self._submit(kind, request.model_dump_json(exclude_unset=True).encode(), keep_alive)
+        try:
+            await stream.started()
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         stream = await self._open("chat", request)
@@ -181,11 +168,87 @@ class WorkerBackend:
         vectors = [np.frombuffer(v, dtype="<f4") for v in answer.vectors]
         return build_response(request.model, vectors, answer.prompt_tokens, request.encoding_format)
 
-    # -- residency ------------------------------------------------------------------------------------
+class WorkerBackend(LocalModelBackend):
+    """A local backend (llamacpp, paged) whose model runs in a supervised worker process."""
+
+    def __init__(
+        self,
+        spec: m.WorkerSpec,
+        *,
+        keep_alive_s: float,
+        preload: bool = False,
+        context_window: int | None = None,
+        max_running: int = 1,
+        block_size: int = 0,
+        model_path: Path | None = None,
+        before_load: Callable[[WorkerBackend], Awaitable[None]] | None = None,
+        on_worker_exit: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.on_worker_exit = on_worker_exit  # the engine host tells the HTTP processes sharing it
+        self.name = spec.name
+        self.model_id = spec.model_id
+        self.keep_alive_s = keep_alive_s
+        self.preload = preload
+        self.before_load = before_load
+        self.state: State = "unloaded"
+        self.restarts = 0  # workers started again after a crash
+        self.last_exit: str | None = None  # why the last worker ended, when it was not asked to
+        self.load_error: str | None = None
+        self.last_used = 0.0  # monotonic time of the last request's start
+        self.expires_at: float | None = None  # wall-clock time the idle model unloads at
+        self._context_window = context_window
+        self._max_running = max_running
+        self._block_size = block_size
+        self._model_path = model_path
+        self._worker: WorkerProcess | None = None
+        self._started_at = 0.0
+        self._crashes_in_a_row = 0
+        self._in_flight = 0
+        self._next_keep_alive: float | None = None
+        self._last_load: m.Load | None = None
+        self._last_rss = 0
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load now with `preload`; otherwise on the first request."""
+        if self.preload:
+            await self.ensure_loaded()
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await self.unload()
+
+    async def unload(self) -> None:
+        """Stop the worker (its requests, if any, are aborted)."""
+        self._cancel_timer()
+        worker, self._worker = self._worker, None
+        if self.state in ("ready", "loading"):
+            self.state = "unloaded"
+        self.expires_at = None
+        if worker is not None:
+            await worker.stop()
 
     @property
-    def loaded(self) -> bool:
-        return self.state == "ready"
+    def address(self) -> str:
+        """The loaded worker's inbox ("" when none), where HTTP processes sharing it connect."""
+        return self._worker.address if self._worker is not None and self.state == "ready" else ""
+
+    # -- the Backend protocol -----------------------------------------------------------------------
+
+    @property
+    def context_window(self) -> int | None:
+        ready = self._worker.ready if self._worker is not None else None
+        return ready.context_window if ready is not None else self._context_window
+
+    # -- residency ------------------------------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
@@ -209,26 +272,25 @@ class WorkerBackend:
 
     # -- internals --------------------------------------------------------------------------------------
 
-    async def _open(self, kind: str, request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> RequestStream:
-        """Submit a request to a loaded worker and wait until it was accepted. A `task:
-        embed` backend refuses chat and completions before loading anything."""
-        if kind != "embeddings" and self.spec.task == "embed":
-            raise InvalidRequest(embedding_only_message(self.model_id), param="model")
-        worker = await self._ensure_loaded()
+    async def _submit(self, kind: str, body: bytes, keep_alive: float | None) -> RequestStream:
+        worker = await self.acquire()
+        try:
+            return worker.submit(kind, body, on_end=lambda: self.release(keep_alive))
+        except BaseException:
+            self.release(keep_alive)
+            raise
+
+    async def acquire(self) -> WorkerProcess:
+        """The loaded worker, holding it for one request until `release` (no keep_alive
+        expiry meanwhile)."""
+        worker = await self.ensure_loaded()
         self._in_flight += 1
         self._cancel_timer()
         self.last_used = time.monotonic()
-        keep_alive = parse_keep_alive(request.keep_alive) if request.keep_alive is not None else None
-        body = request.model_dump_json(exclude_unset=True).encode()
-        stream = worker.submit(kind, body, on_end=lambda: self._request_done(keep_alive))
-        try:
-            await stream.started()
-        except BaseException:
-            await stream.aclose()
-            raise
-        return stream
+        return worker
 
-    async def _ensure_loaded(self) -> WorkerProcess:
+    async def ensure_loaded(self) -> WorkerProcess:
+        """The loaded worker, loading it first (a restarting one answers 503 with Retry-After)."""
         if self.state == "ready" and self._worker is not None:
             return self._worker
         if self.state == "restarting":
@@ -270,6 +332,8 @@ class WorkerBackend:
 
     def _on_exit(self, worker: WorkerProcess, returncode: int) -> None:
         """The worker process ended. Unless we stopped it, restart it after a backoff."""
+        if self.on_worker_exit is not None and worker.pid is not None:
+            self.on_worker_exit(worker.pid, exit_reason(returncode))
         if worker is not self._worker or self.state != "ready":
             return  # stopped on purpose, or died while loading (start() reports that)
         self._worker = None
@@ -294,11 +358,12 @@ class WorkerBackend:
         self.state = "unloaded"
         self.restarts += 1
         try:
-            await self._ensure_loaded()
-        except Exception as exc:  # reported by _ensure_loaded; the next request tries again
+            await self.ensure_loaded()
+        except Exception as exc:  # reported by ensure_loaded; the next request tries again
             log.debug("%s: restart failed: %s", self.name, exc)
 
-    def _request_done(self, keep_alive: float | None) -> None:
+    def release(self, keep_alive: float | None) -> None:
+        """A request that `acquire` counted ended; its keep_alive, if it gave one, wins."""
         self._in_flight -= 1
         self._next_keep_alive = keep_alive  # the last request's keep_alive wins, as in Ollama
         if self._in_flight == 0 and self.state == "ready":

@@ -1,6 +1,7 @@
-"""The worker pipe's messages. The gateway sends `Submit`, `Abort` and `Shutdown`; the worker
-answers with batches (one ZeroMQ message holds every output ready at once: under load, one
-send per engine step rather than one per token).
+"""The worker pipe's messages. Its clients (the serving process that owns the worker, and any
+HTTP processes sharing it) send `Hello`, `Submit`, `Abort` and (the owner) `Shutdown`; the
+worker answers each client with batches (one ZeroMQ message holds every output ready at once:
+under load, one send per engine step rather than one per token).
 
 msgspec, as vLLM v1 uses between its API server and EngineCore: typed structs, msgpack
 encoding, no pickle, and decoding that checks types."""
@@ -33,10 +34,21 @@ class _Message(msgspec.Struct, tag=True, tag_field="op"):
 # -- gateway -> worker --------------------------------------------------------------------------
 
 
+class Hello(_Message):
+    """An HTTP process sharing the worker (`turnout serve --workers N`) names itself and the
+    address it receives on; from then on the worker sends it its requests' outputs and load
+    reports. (The owner, the process that started the worker, gave its address at spawn.)"""
+
+    client: str
+    pid: int
+    address: str
+
+
 class Submit(_Message):
     request_id: str
     kind: str  # "chat" | "completions" | "embeddings"
     body: bytes  # the request's JSON, as validated by the gateway
+    client: str = ""  # who gets the outputs: a Hello's client, or "" for the owner
 
 
 class Abort(_Message):
@@ -47,7 +59,7 @@ class Shutdown(_Message):
     pass
 
 
-ToWorker = Submit | Abort | Shutdown
+ToWorker = Hello | Submit | Abort | Shutdown
 
 
 # -- worker -> gateway --------------------------------------------------------------------------

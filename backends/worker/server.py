@@ -1,7 +1,9 @@
 """The worker's side of the pipe: build one LocalBackend, then serve requests from the
 gateway until told to stop or orphaned.
 
-Run as `python -m backends.worker SPEC_JSON IN_ADDR OUT_ADDR` by `backends.worker.process`.
+Run as `python -m backends.worker SPEC_JSON IN_ADDR OWNER_ADDR` by `backends.worker.process`:
+it binds IN_ADDR, where every client's requests arrive, and sends its owner's outputs to
+OWNER_ADDR; HTTP processes sharing the worker say `Hello` with an address of their own.
 Each request is a task: validate, render and tokenize in a thread (CPU work proportional to
 the request must not stall the other streams), then run it. A paged engine (`DirectEngine`)
 then sends each step's deltas to the pipe from its own thread, one message a step; other
@@ -29,6 +31,7 @@ from backends.generation import GenerationDelta, GenerationRequest
 from backends.local import LocalBackend, Prepared
 from backends.protocol import BackendError, ChatCompletionRequest, CompletionRequest, Overloaded
 from backends.worker import messages as m
+from backends.worker.pipe import pid_alive
 
 log = logging.getLogger("turnout.worker")
 
@@ -39,6 +42,7 @@ LARGE_BODY_BYTES = 64 * 1024  # requests above this are prepared with the cyclic
 # carried in every load report's stats and exported by the gateway as `..._total` on /metrics.
 ABORTED = "turnout:requests_aborted"
 _PR_SET_PDEATHSIG = 1
+OWNER = ""  # the client name of the process that started the worker
 
 
 def build_backend(spec: m.WorkerSpec) -> LocalBackend:
@@ -84,14 +88,20 @@ class DirectEngine(Protocol):
 
 
 class WorkerServer:
-    """Serves one backend over a PULL (requests in) and a PUSH (outputs out) socket."""
+    """Serves one backend to its clients: requests come in on one PULL socket, each client's
+    outputs go out on a PUSH socket connected to that client's address. The owner (the
+    process that started the worker) is a client from the start; HTTP processes sharing the
+    worker join with `Hello`."""
 
-    def __init__(self, backend: LocalBackend, inbox: zmq.asyncio.Socket, outbox: zmq.Socket[Any]) -> None:
+    def __init__(self, backend: LocalBackend, inbox: zmq.asyncio.Socket, ctx: zmq.Context[Any], owner_address: str) -> None:
         self.backend = backend
         self.inbox = inbox
-        self.outbox = outbox  # a plain socket: sends never block (no high-water mark)
+        self._ctx = ctx
         self._send_lock = threading.Lock()  # the loop and a direct engine's thread both send
-        self._pending: list[Any] = []
+        self._clients: dict[str, zmq.Socket[Any]] = {}  # plain sockets: sends never block (no high-water mark)
+        self._client_pids: dict[str, int] = {}
+        self._client_of: dict[str, str] = {}  # request -> the client its outputs go to
+        self._pending: dict[str, list[Any]] = {}
         self._flush_scheduled = False
         self._tasks: dict[str, asyncio.Task[None]] = {}  # requests being prepared or run here
         self._direct = backend if isinstance(backend, DirectEngine) else None
@@ -100,35 +110,78 @@ class WorkerServer:
         self.aborted = 0  # requests ended by an Abort from the gateway before they finished
         self._loop = asyncio.get_running_loop()
         self._parent = os.getppid()
+        self._join(OWNER, self._parent, owner_address)
+
+    # -- clients ------------------------------------------------------------------------------
+
+    def _join(self, client: str, pid: int, address: str) -> None:
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0 if client else 2000)  # the owner's last outputs may leave
+        sock.connect(address)
+        with self._send_lock:
+            self._clients[client] = sock
+            self._client_pids[client] = pid
+
+    def _drop_departed(self) -> None:
+        """An HTTP process that died leaves requests nobody reads: abort them, forget it."""
+        for client, pid in list(self._client_pids.items()):
+            if client == OWNER or pid_alive(pid):
+                continue
+            for rid, owner in list(self._client_of.items()):
+                if owner == client and self._abort(rid):
+                    self.aborted += 1
+            with self._send_lock:
+                self._client_pids.pop(client, None)
+                sock = self._clients.pop(client, None)
+            if sock is not None:
+                sock.close(0)
 
     # -- output -------------------------------------------------------------------------------
 
-    def send(self, message: Any) -> None:
-        """Queue a message; everything queued in this turn of the loop goes out together."""
-        self._pending.append(message)
+    def send(self, message: Any, client: str = OWNER) -> None:
+        """Queue a message for a client; everything queued in this turn of the loop goes out
+        together, one ZeroMQ message per client."""
+        self._pending.setdefault(client, []).append(message)
+        self._schedule_flush()
+
+    def broadcast(self, message: Any) -> None:
+        """Queue a message (a load report) for every client."""
+        for client in list(self._clients):
+            self._pending.setdefault(client, []).append(message)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if batch:
-            self._send_now(batch)
+        pending, self._pending = self._pending, {}
+        for client, batch in pending.items():
+            self._send_now(client, batch)
 
-    def _send_now(self, batch: list[Any]) -> None:
+    def _send_now(self, client: str, batch: list[Any]) -> None:
         data = m.from_worker_encoder.encode(batch)
         with self._send_lock:
-            self.outbox.send(data, copy=False)
+            sock = self._clients.get(client)
+            if sock is not None:  # else it left: nobody to tell
+                sock.send(data, copy=False)
 
     def deliver(self, items: list[tuple[Any, GenerationDelta | BaseException]]) -> None:
-        """A direct engine's step outputs, on its thread: one message for the whole step."""
-        batch: list[Any] = []
+        """A direct engine's step outputs, on its thread: one message per client for the whole step."""
+        batches: dict[str, list[Any]] = {}
         changed = False  # a request took its first blocks or gave them back: report load
+        client_of = self._client_of
         for rid, item in items:
+            client = client_of.get(rid, OWNER)
+            batch = batches.get(client)
+            if batch is None:
+                batch = batches[client] = []
             if isinstance(item, BaseException):
                 batch.append(_failed(rid, item, self.backend.name))
-                self._in_engine.discard(rid)
+                self._end_direct(rid)
                 changed = True
                 continue
             batch.append(m.Delta(rid, item))
@@ -136,11 +189,18 @@ class WorkerServer:
                 self._fresh.discard(rid)
                 changed = True
             if item.final:
-                self._in_engine.discard(rid)
+                self._end_direct(rid)
                 changed = True
         if changed:
-            batch.append(self.load_message())
-        self._send_now(batch)
+            load = self.load_message()
+            for client in list(self._clients):
+                batches.setdefault(client, []).append(load)
+        for client, batch in batches.items():
+            self._send_now(client, batch)
+
+    def _end_direct(self, rid: str) -> None:
+        self._in_engine.discard(rid)
+        self._client_of.pop(rid, None)
 
     def load_message(self) -> m.Load:
         report = self.backend.load()
@@ -168,7 +228,11 @@ class WorkerServer:
             while True:
                 for message in m.to_worker_decoder.decode(await self.inbox.recv()):
                     if isinstance(message, m.Submit):
+                        self._client_of[message.request_id] = message.client
                         self._tasks[message.request_id] = asyncio.create_task(self._run(message))
+                    elif isinstance(message, m.Hello):
+                        self._join(message.client, message.pid, message.address)
+                        self.send(self.load_message(), message.client)
                     elif isinstance(message, m.Abort):
                         if self._abort(message.request_id):
                             self.aborted += 1
@@ -188,7 +252,7 @@ class WorkerServer:
             task.cancel()  # closes the generation: the engine frees its blocks
             return True
         if self._direct is not None and rid in self._in_engine:
-            self._in_engine.discard(rid)
+            self._end_direct(rid)
             self._fresh.discard(rid)
             self._direct.abort_request(rid)
             return True
@@ -200,20 +264,21 @@ class WorkerServer:
             await asyncio.sleep(LOAD_INTERVAL_BUSY_S if busy else LOAD_INTERVAL_IDLE_S)
             if os.getppid() != self._parent:  # orphaned (no PDEATHSIG off Linux): go
                 os._exit(0)
-            self.send(self.load_message())
+            self._drop_departed()
+            self.broadcast(self.load_message())
 
     async def _run(self, submit: m.Submit) -> None:
         if submit.kind == "embeddings":
             await self._run_embeddings(submit)
             return
-        rid = submit.request_id
+        rid, client = submit.request_id, submit.client
         direct = False
         try:
             request, prepared = await asyncio.to_thread(self._prepare, submit)
             gen = prepared.gen
             echo = isinstance(request, CompletionRequest) and bool(request.echo)
             tools = prepared.tool_format.name if prepared.tool_format is not None else ""
-            self.send(m.Started(rid, len(gen.prompt_tokens), prepared.prompt_text if echo else "", tools))
+            self.send(m.Started(rid, len(gen.prompt_tokens), prepared.prompt_text if echo else "", tools), client)
             if self._direct is not None:
                 self._flush()  # Started leaves before the engine thread can send a token
                 gen.request_id = rid  # aborts name it so
@@ -230,38 +295,40 @@ class WorkerServer:
             first = True
             async with aclosing(self.backend.generate(gen)) as deltas:
                 async for delta in deltas:
-                    self.send(m.Delta(rid, delta))
+                    self.send(m.Delta(rid, delta), client)
                     if first:  # the request now holds blocks: routers should know at once
                         first = False
-                        self.send(self.load_message())
+                        self.broadcast(self.load_message())
         except asyncio.CancelledError:
             pass  # aborted by the gateway: nobody is listening
         except Exception as exc:
-            self.send(_failed(rid, exc, self.backend.name))
+            self.send(_failed(rid, exc, self.backend.name), client)
         finally:
             self._tasks.pop(rid, None)
             if not direct:
-                self.send(self.load_message())  # rides with the last delta: fresh as the answer lands
+                self._client_of.pop(rid, None)
+                self.broadcast(self.load_message())  # rides with the last delta: fresh as the answer lands
 
     async def _run_embeddings(self, submit: m.Submit) -> None:
         """Tokenize and check in a thread, pool through the engine, answer in one message.
         An Abort cancels this task, which stops the engine's work and frees what it holds."""
-        rid = submit.request_id
+        rid, client = submit.request_id, submit.client
         try:
             request = m.decode_embedding_request(submit.body)
             inputs = await asyncio.to_thread(self.backend.prepare_embeddings, request)
             tokens = sum(map(len, inputs))
-            self.send(m.Started(rid, tokens))
-            self.send(self.load_message())
+            self.send(m.Started(rid, tokens), client)
+            self.broadcast(self.load_message())
             vectors = self.backend.finish_embeddings(request, await self.backend.embed_tokens(inputs))
-            self.send(m.Embedded(rid, [v.astype("<f4").tobytes() for v in vectors], tokens))
+            self.send(m.Embedded(rid, [v.astype("<f4").tobytes() for v in vectors], tokens), client)
         except asyncio.CancelledError:
             pass  # aborted by the gateway: nobody is listening
         except Exception as exc:
-            self.send(_failed(rid, exc, self.backend.name))
+            self.send(_failed(rid, exc, self.backend.name), client)
         finally:
             self._tasks.pop(rid, None)
-            self.send(self.load_message())
+            self._client_of.pop(rid, None)
+            self.broadcast(self.load_message())
 
     def _prepare(self, submit: m.Submit) -> tuple[ChatCompletionRequest | CompletionRequest, Prepared]:
         """Validate, render, tokenize and check a request, in a thread: all of it grows with
@@ -288,30 +355,31 @@ def _failed(rid: str, exc: BaseException, backend: str) -> m.Failed:
     return m.Failed(rid, 500, "server_error", f"the engine failed: {type(exc).__name__}: {exc}")
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends SIGKILL when the gateway dies, so no worker outlives it."""
+def die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL when the parent dies, so no worker outlives the gateway."""
     try:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
 
 
-async def amain(spec: m.WorkerSpec, in_addr: str, out_addr: str) -> int:
+async def amain(spec: m.WorkerSpec, in_addr: str, owner_addr: str) -> int:
+    """Bind the inbox, load the model, then serve until told to stop."""
     ctx = zmq.Context()
-    outbox = ctx.socket(zmq.PUSH)  # plain sends from the loop: no future per message
-    outbox.setsockopt(zmq.SNDHWM, 0)
-    outbox.connect(out_addr)
     inbox = zmq.asyncio.Context.shadow(ctx).socket(zmq.PULL)
-    inbox.connect(in_addr)
+    inbox.setsockopt(zmq.RCVHWM, 0)
+    inbox.bind(in_addr)  # clients that connect while the model loads are queued, not lost
     try:
         backend = build_backend(spec)
         await backend.start()
     except BaseException as exc:  # a load failure is an answer, not a crash loop
         log.exception("%s: could not load %s", spec.name, spec.model)
-        outbox.send(m.from_worker_encoder.encode([m.LoadFailed(f"{type(exc).__name__}: {exc}")]))
+        owner = ctx.socket(zmq.PUSH)
+        owner.connect(owner_addr)
+        owner.send(m.from_worker_encoder.encode([m.LoadFailed(f"{type(exc).__name__}: {exc}")]))
         _close(inbox, ctx)
         return 1
-    server = WorkerServer(backend, inbox, outbox)
+    server = WorkerServer(backend, inbox, ctx, owner_addr)
     detail = getattr(backend, "cpu_variant", "")
     server.send(m.Ready(os.getpid(), backend.context_window, detail))
     server.send(server.load_message())
@@ -332,9 +400,9 @@ def _close(inbox: zmq.asyncio.Socket, ctx: zmq.Context[Any]) -> None:
 
 def main(argv: list[str]) -> int:
     """Entry point of `python -m backends.worker`."""
-    spec_json, in_addr, out_addr = argv
-    _die_with_parent()
+    spec_json, in_addr, owner_addr = argv
+    die_with_parent()
     logging.basicConfig(level=os.environ.get("TURNOUT_WORKER_LOG_LEVEL", "WARNING"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = msgspec.json.decode(spec_json.encode(), type=m.WorkerSpec)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    return asyncio.run(amain(spec, in_addr, out_addr))
+    return asyncio.run(amain(spec, in_addr, owner_addr))

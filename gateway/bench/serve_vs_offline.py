@@ -7,7 +7,13 @@ shape (its engine in a worker process of its own, `preload: true`) loaded by
 `turnout bench serve` at concurrency N, streamed and not, with `ignore_eos` so that every
 answer is exactly `--output-len` tokens. Prints output tok/s of each and the ratio.
 
-    python3 -m gateway.bench.serve_vs_offline --shapes smollm2-135m,llama3-8b --json out.json
+`--workers 1,4` serves each shape once per count of HTTP processes (`turnout serve --workers
+N`: N HTTP processes in front of one engine worker). The load comes from `--clients`
+load-generator processes at once (concurrency split between them), so that the client's own
+SSE parsing is not what is measured; their output tokens are summed over the longest one's
+measured wall time.
+
+    python3 -m gateway.bench.serve_vs_offline --shapes smollm2-135m,llama3-8b --workers 1,4 --json out.json
 """
 
 from __future__ import annotations
@@ -40,18 +46,19 @@ def _offline_once(shape: str, args: argparse.Namespace, out: Path) -> float:
     return float(json.loads(out.read_text())["engine"]["output_tok_s"])
 
 
-def served(shape: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+def served(shape: str, workers: int, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     config = {
         "server": {"host": "127.0.0.1", "access_log": False},
         "backends": [{"name": "gpu", "kind": "paged", "model": f"dummy:{shape}", "served_name": "m", "preload": True,
                       "options": {"device": args.device, "max_num_seqs": args.concurrency, "max_num_batched_tokens": 8192,
                                   "max_model_len": 4096}}],
     }  # fmt: skip
-    path = workdir / f"{shape}.yaml"
+    name = f"{shape}-w{workers}"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = (workdir / f"{shape}.log").open("wb")
-    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(args.port)],
-                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    log = (workdir / f"{name}.log").open("wb")
+    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(args.port),
+                               "--workers", str(workers)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     results: dict[str, float] = {}
     try:
         deadline = time.monotonic() + 600
@@ -62,26 +69,43 @@ def served(shape: str, args: argparse.Namespace, workdir: Path) -> dict[str, flo
             except httpx.HTTPError:
                 pass
             if server.poll() is not None:
-                raise RuntimeError(f"turnout serve exited: {(workdir / f'{shape}.log').read_text()[-3000:]}")
+                raise RuntimeError(f"turnout serve exited: {(workdir / f'{name}.log').read_text()[-3000:]}")
             time.sleep(1)
         for mode in ("stream", "whole"):
-            report = workdir / f"{shape}-{mode}.json"
-            cmd = [sys.executable, "-m", "gateway.bench.serve", "--url", f"http://127.0.0.1:{args.port}/v1", "--model", "m",
-                   "--endpoint", "completions", "--concurrency", str(args.concurrency), "--requests", str(args.concurrency * args.rounds),
-                   "--warmup", str(args.concurrency), "--max-tokens", str(args.output_len), "--prompt-tokens", str(args.input_len // 4),
-                   "--ignore-eos", "--timeout", "600", "--no-progress", "--json", str(report)] + (["--stream"] if mode == "stream" else [])  # fmt: skip
-            subprocess.run(cmd, cwd=REPO, check=True, timeout=900)
-            results[mode] = float(json.loads(report.read_text())["levels"][0]["output_tokens_per_s"])
+            results[mode] = load(f"http://127.0.0.1:{args.port}/v1", mode == "stream", args, workdir / f"{name}-{mode}")
     finally:
         server.terminate()
         server.wait(timeout=60)
     return results
 
 
+def load(url: str, stream: bool, args: argparse.Namespace, prefix: Path) -> float:
+    """`--clients` load generators at once, `--concurrency` split between them; output
+    tok/s = their tokens summed over the longest measured wall time."""
+    width = args.concurrency // args.clients
+    procs, reports = [], []
+    for i in range(args.clients):
+        report = prefix.with_name(f"{prefix.name}-c{i}.json")
+        cmd = [sys.executable, "-m", "gateway.bench.serve", "--url", url, "--model", "m", "--endpoint", "completions",
+               "--concurrency", str(width), "--requests", str(width * args.rounds), "--warmup", str(width),
+               "--max-tokens", str(args.output_len), "--prompt-tokens", str(args.input_len // 4), "--seed", str(i),
+               "--ignore-eos", "--timeout", "600", "--no-progress", "--json", str(report)] + (["--stream"] if stream else [])  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=REPO))
+        reports.append(report)
+    for proc in procs:
+        if proc.wait(timeout=900) != 0:
+            raise RuntimeError(f"the load generator exited with {proc.returncode}")
+    levels = [json.loads(r.read_text())["levels"][0] for r in reports]
+    wall = max(lv["duration_s"] for lv in levels)
+    return sum(lv["output_tokens_per_s"] * lv["duration_s"] for lv in levels) / wall
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="smollm2-135m,llama3-8b")
     p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--workers", default="1", help="HTTP process counts to serve with, e.g. 1,4")
+    p.add_argument("--clients", type=int, default=1, help="load-generator processes sharing the concurrency")
     p.add_argument("--rounds", type=int, default=2, help="requests per level = concurrency x rounds")
     p.add_argument("--offline-runs", type=int, default=2, help="offline runs per shape; the best counts")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens (the dummy tokenizer is bytes: 4 per synthetic token)")
@@ -96,10 +120,11 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         engine = offline(shape, args, workdir / f"{shape}-offline.json")
-        http = served(shape, args, workdir)
-        rows.append({"shape": shape, "offline": engine, **http})
-        print(f"{shape}: offline {engine:,.0f} tok/s; served streamed {http['stream']:,.0f} ({http['stream'] / engine:.0%}), "
-              f"not streamed {http['whole']:,.0f} ({http['whole'] / engine:.0%})", flush=True)  # fmt: skip
+        for workers in map(int, args.workers.split(",")):
+            http = served(shape, workers, args, workdir)
+            rows.append({"shape": shape, "workers": workers, "clients": args.clients, "offline": engine, **http})
+            print(f"{shape}, --workers {workers}: offline {engine:,.0f} tok/s; served streamed {http['stream']:,.0f} "
+                  f"({http['stream'] / engine:.0%}), not streamed {http['whole']:,.0f} ({http['whole'] / engine:.0%})", flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"concurrency": args.concurrency, "rows": rows, "gpu": os.environ.get("GPU", "")}, indent=1))
 

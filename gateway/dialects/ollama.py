@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from backends import models as store
 from backends.protocol import APIError, ModelNotFound, parse_keep_alive
-from backends.worker.backend import WorkerBackend
+from backends.worker.backend import LocalModelBackend
 from gateway.admin_access import admin_refusal
 from gateway.auth import rate_limit
 from gateway.body import parse_body
@@ -111,7 +111,7 @@ async def _serve_load(request: Request, raw: bytes, alias: str, shown: str, shap
     unload = keep_alive is not None and parse_keep_alive(keep_alive) == 0
     dialect = OllamaDialect(f"ollama.{shape}", shape, shown, timer, load="unload" if unload else "load")
     pool = _pool(request, alias)
-    if unload and all(isinstance(b, WorkerBackend) and not b.loaded for b in pool):
+    if unload and all(isinstance(b, LocalModelBackend) and not b.loaded for b in pool):
         return Response(dialect.answer(None), media_type="application/json")
     return await unless_disconnected(request, generate("completions", load_request(alias, keep_alive), raw, request, dialect))
 

@@ -30,7 +30,7 @@ from backends.protocol import (
     UpstreamError,
     Usage,
 )
-from backends.worker.backend import WorkerBackend
+from backends.worker.backend import LocalModelBackend
 from gateway.dialects.ollama_types import (
     ChatRecord,
     EmbedAnswer,
@@ -66,11 +66,11 @@ class Timer:
         self.first_at: int | None = None
         self.last_at: int | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._cold: list[WorkerBackend] = []
+        self._cold: list[LocalModelBackend] = []
 
     def watch(self, backends: Iterable[Any]) -> None:
         """Watch for a model load when none of the pool's local backends is loaded now."""
-        local = [b for b in backends if isinstance(b, WorkerBackend)]
+        local = [b for b in backends if isinstance(b, LocalModelBackend)]
         if local and not any(b.loaded for b in local):
             self._cold = local
             self._watch = asyncio.get_running_loop().create_task(self._until_loaded())

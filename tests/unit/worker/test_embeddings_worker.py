@@ -15,7 +15,7 @@ import pytest
 from backends.embeddings import decode_base64
 from backends.protocol import ChatCompletionRequest, EmbeddingRequest, Embeds, InvalidRequest
 from backends.worker.backend import WorkerBackend
-from backends.worker.process import WorkerDied
+from backends.worker.pipe import WorkerDied
 from gateway.registry import build_backend
 from policies.schema import BackendConfig
 from tests.unit.worker.test_worker_backend import NUM_BLOCKS, prompt, wait_for

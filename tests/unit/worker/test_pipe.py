@@ -9,7 +9,7 @@ from backends.generation import GenerationDelta, TokenLogprob
 from backends.protocol import BackendError, ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded
 from backends.worker import messages as m
 from backends.process_exit import exit_reason
-from backends.worker.process import RequestStream, WorkerDied, error_from
+from backends.worker.pipe import RequestStream, WorkerDied, error_from
 
 
 def test_messages_round_trip_in_one_batch() -> None:

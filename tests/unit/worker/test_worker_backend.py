@@ -15,7 +15,7 @@ import pytest
 
 from backends.protocol import Backend, CompletionRequest, ContextLengthExceeded, Overloaded
 from backends.worker.backend import WorkerBackend
-from backends.worker.process import LoadError, WorkerDied
+from backends.worker.pipe import LoadError, WorkerDied
 from gateway.registry import build_backend
 from gateway.residency import ModelResidency
 from policies.schema import BackendConfig
