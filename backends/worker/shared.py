@@ -114,10 +114,9 @@ class EngineHostClient:
             kind = type(message)
             if kind is c.Residents:
                 self.host_pid = message.host_pid  # type: ignore[union-attr]
-                for resident in message.residents:  # type: ignore[union-attr]
-                    backend = self._backends.get(resident.name)
-                    if backend is not None:
-                        backend.observe(resident)
+                views = {r.name: r for r in message.residents}  # type: ignore[union-attr]
+                for name, backend in self._backends.items():
+                    backend.observe(views.get(name))  # None: a (new) host that has not built it
             elif kind is c.Exited:
                 backend = self._backends.get(message.name)  # type: ignore[union-attr]
                 if backend is not None:
@@ -199,8 +198,10 @@ class SharedWorkerBackend(LocalModelBackend):
     def memory_bytes(self) -> int:
         return self._view.memory_bytes if self._view is not None else 0
 
-    def observe(self, view: c.Resident) -> None:
-        """The host's latest word on this model."""
+    def observe(self, view: c.Resident | None) -> None:
+        """The host's latest word on this model (None: it knows nothing of it, so unloaded)."""
+        if view is None:
+            view = c.Resident(self.name, "unloaded", None, "", 0, None, self._opening, 0, None, None, None)
         self._view = view
         self.state = view.state  # type: ignore[assignment]
         self.restarts, self.last_exit, self.load_error, self.expires_at = view.restarts, view.last_exit, view.load_error, view.expires_at
