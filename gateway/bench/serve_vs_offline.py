@@ -125,8 +125,8 @@ def main() -> None:
             rows.append({"shape": shape, "workers": workers, "clients": args.clients, "offline": engine, **http})
             print(f"{shape}, --workers {workers}: offline {engine:,.0f} tok/s; served streamed {http['stream']:,.0f} "
                   f"({http['stream'] / engine:.0%}), not streamed {http['whole']:,.0f} ({http['whole'] / engine:.0%})", flush=True)  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps({"concurrency": args.concurrency, "rows": rows, "gpu": os.environ.get("GPU", "")}, indent=1))
+            if args.json:  # after each row: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps({"concurrency": args.concurrency, "rows": rows, "gpu": os.environ.get("GPU", "")}, indent=1))
 
 
 if __name__ == "__main__":
