@@ -35,8 +35,8 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None)
     """Inverse frequencies with the model's theta and scaling (HF's rope_type semantics)."""
     hd = config.head_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    if freq_factors is not None:  # llama.cpp's rope_freqs tensor (Llama 3.x GGUFs)
-        return inv / freq_factors.float()
+    if freq_factors is not None:  # llama.cpp's rope_freqs tensor (Llama 3.x GGUFs), wherever the weights are
+        return inv / freq_factors.float().cpu()
     s = config.rope_scaling or {}
     kind = s.get("rope_type") or s.get("type")
     if kind == "linear":

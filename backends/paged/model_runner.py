@@ -48,7 +48,7 @@ from backends.paged.parallel import TensorParallel
 from backends.paged.sampler import Sample, sample_batch, sample_tokens_device, unpack_bitmask
 from backends.paged.scheduler import ScheduledSeq, SchedulerOutput
 from backends.paged.sequence import PENDING, Sequence, SeqStatus
-from backends.paged.step_inputs import StepInputs, build_step_inputs, to_device
+from backends.paged.step_inputs import StepInputs, build_step_inputs, host_to_device, to_device
 from backends.paged.weights import ModelWeights
 
 
@@ -95,10 +95,10 @@ class LaunchedStep:
 def split_prefills_decodes(scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
     """(prefill chunks, decodes). A decode computes a sequence's last token (and samples); a
     one-token chunk cut short by the step's budget is a prefill chunk, not a decode."""
-    prefills, decodes = [], []
-    for s in scheduled:
-        (decodes if s.num_tokens == 1 and s.samples else prefills).append(s)
-    return prefills, decodes
+    decodes = [s for s in scheduled if s.num_tokens == 1 and s.samples]
+    if len(decodes) == len(scheduled):  # a pure decode step, the steady state
+        return [], decodes
+    return [s for s in scheduled if not (s.num_tokens == 1 and s.samples)], decodes
 
 
 def _pooled_chunks(prefills: list[ScheduledSeq]) -> list[tuple[Sequence, int, int, int]]:
@@ -199,11 +199,11 @@ class ModelRunner:
         (update_after_launch): the inputs are read from them, and after the last step's
         `launch_sampling`: decodes fed from the device read its ids."""
         prefills, decodes = split_prefills_decodes(plan.scheduled)
-        rows = [s.seq for s in prefills + decodes if s.samples]
+        rows = [s.seq for s in prefills if s.samples] + [s.seq for s in decodes]  # every decode samples
         inp = build_step_inputs(prefills, decodes, self.options.block_size)
         self._feed_from_device(inp, prefills, decodes)
         logits = self.forward(inp, _pooled_chunks(prefills))
-        constrained = any(seq.constraint is not None for seq in rows)
+        constrained = any([seq.constraint is not None for seq in rows])
         return LaunchedStep(rows, constrained, logits if rows else None)
 
     def launch_sampling(self, step: LaunchedStep) -> None:
@@ -230,7 +230,7 @@ class ModelRunner:
         host[: len(rows)].copy_(tokens, non_blocking=True)
         if event is not None:
             event.record()
-        self._last_tokens, self._last_rows = tokens, {seq: i for i, seq in enumerate(rows)}
+        self._last_tokens, self._last_rows = tokens, dict(zip(rows, range(len(rows))))
         step.tokens, step.host, step.event, step.logits = tokens, host, event, None
 
     def _grammar_mask(self, rows: list[Sequence]) -> torch.Tensor:
@@ -263,14 +263,17 @@ class ModelRunner:
         the device (waiting for the copy), or sampled on the host now. The host sampler runs
         this late on purpose: penalties need the tokens of the step before, collected first."""
         assert step.sampled, "launch_sampling comes before collect"
-        live = [i for i, seq in enumerate(step.rows) if seq.status is not SeqStatus.FINISHED]
-        seqs = [step.rows[i] for i in live]
+        finished = SeqStatus.FINISHED
+        rows = step.rows
+        live = [i for i, seq in enumerate(rows) if seq.status is not finished]
+        all_live = len(live) == len(rows)  # the common case: no row to drop
+        seqs = rows if all_live else [rows[i] for i in live]
         samples: list[Sample | None]
         if step.tokens is not None:
             if step.event is not None:
                 step.event.synchronize()
-            ids = step.host[: len(step.rows)].tolist()
-            token_ids = [ids[i] for i in live]
+            ids = step.host[: len(rows)].tolist()
+            token_ids = ids if all_live else [ids[i] for i in live]
             samples = [None] * len(live)
         elif seqs:
             assert step.logits is not None
@@ -285,7 +288,8 @@ class ModelRunner:
         else:
             token_ids, samples = [], []
         for seq, token in zip(seqs, token_ids):
-            seq.sampler.output_ids.append(token)  # penalty history
+            if seq.sampler.needs_history:  # penalty history, read only by the host sampler's penalties
+                seq.sampler.output_ids.append(token)
         return RunnerOutput(seqs, token_ids, samples)
 
     def forward(self, inp: StepInputs, pooled: list[tuple[Sequence, int, int, int]] | None = None) -> torch.Tensor:
@@ -320,22 +324,21 @@ class ModelRunner:
         if not inp.sample_rows:
             return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
         if len(inp.sample_rows) != hidden.shape[0]:
-            rows = torch.tensor(inp.sample_rows, dtype=torch.long)
-            hidden = hidden.index_select(0, rows.to(self.device, non_blocking=True))
+            rows = host_to_device(torch.tensor(inp.sample_rows, dtype=torch.long), self.device)
+            hidden = hidden.index_select(0, rows)
         return self.model.logits(hidden)
 
     def _feed_from_device(self, inp: StepInputs, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]) -> None:
         """Point the decode rows whose last token is still on the device at the last step's ids."""
-        rows: np.ndarray | None = None
-        base = inp.num_prefill_tokens
-        for j, s in enumerate(decodes):
-            seq = s.seq
-            if seq.num_pending:
-                assert seq.num_pending == 1 and seq.output_ids[-1] == PENDING, "a placeholder older than the last step"
-                if rows is None:
-                    rows = np.full(len(inp.input_ids), -1, dtype=np.int64)
-                rows[base + j] = self._last_rows[seq]
+        last = self._last_rows
+        pending = [(j, s.seq) for j, s in enumerate(decodes) if s.seq.num_pending]
         for s in prefills:
             assert not s.seq.num_pending, "a prefill chunk over a token still on the device"
-        if rows is not None:
-            inp.prev_tokens, inp.prev_rows = self._last_tokens, rows
+        if not pending:
+            return
+        for _, seq in pending:
+            assert seq.num_pending == 1 and seq.output_ids[-1] == PENDING, "a placeholder older than the last step"
+        rows = np.full(len(inp.input_ids), -1, dtype=np.int64)
+        base = inp.num_prefill_tokens
+        rows[[base + j for j, _ in pending]] = [last[seq] for _, seq in pending]
+        inp.prev_tokens, inp.prev_rows = self._last_tokens, rows

@@ -14,7 +14,7 @@ from backends.generation import GenerationDelta, TokenLogprob
 from backends.paged.pooling import EmbeddingOutput
 from backends.paged.scheduler import SampledToken
 from backends.paged.sequence import Sequence
-from backends.paged.tokenizer import IncrementalDetokenizer, Tokenizer
+from backends.paged.tokenizer import ByteDetokenizer, IncrementalDetokenizer, Tokenizer, byte_tables, make_detokenizer
 from backends.stop import StopMatcher
 
 
@@ -27,10 +27,15 @@ class StepOutput:
     delta: GenerationDelta | EmbeddingOutput
 
 
-@dataclass
 class _TextState:
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
+    """One sequence's detokenizer and stop-string matcher (None without stop strings: the
+    common case skips the matcher altogether)."""
+
+    __slots__ = ("add", "stops")
+
+    def __init__(self, detok: IncrementalDetokenizer | ByteDetokenizer, stops: list[str]) -> None:
+        self.add = detok.add
+        self.stops = StopMatcher(stops) if any(stops) else None
 
 
 class OutputProcessor:
@@ -39,10 +44,13 @@ class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self._states: dict[Sequence, _TextState] = {}
+        # Built once here (engine start), not on the first request: a byte-level tokenizer's
+        # tables take a fraction of a second to build and check.
+        self._tables = byte_tables(tokenizer)
 
     def add(self, seq: Sequence) -> None:
         """Start a sequence's detokenizer (after its prompt) and stop-string matcher."""
-        self._states[seq] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids), StopMatcher(seq.sampling.stop))
+        self._states[seq] = _TextState(make_detokenizer(self.tokenizer, seq.prompt_ids, self._tables), seq.sampling.stop)
 
     def remove(self, seq: Sequence) -> None:
         """Forget a sequence (aborted)."""
@@ -53,25 +61,31 @@ class OutputProcessor:
         outputs: list[StepOutput] = []
         stopped: list[Sequence] = []
         tt = self.tokenizer.token_text
+        states = self._states
         for t in tokens:
-            state = self._states[t.seq]
+            seq = t.seq
+            state = states[seq]
             finish = t.finish_reason
             logprobs = None
+            stops = state.stops
             if finish == "stop":  # a stop token: its own text is not part of the output
-                text = state.stops.flush()
+                text = stops.flush() if stops is not None else ""
             else:
-                text, hit = state.stops.feed(state.detok.add(t.token_id))
+                text = state.add(t.token_id)
+                hit = False
+                if stops is not None:
+                    text, hit = stops.feed(text)
                 r = t.sample
                 if r is not None and r.logprob is not None:
                     logprobs = [TokenLogprob(t.token_id, tt(t.token_id), r.logprob, [(tt(i), lp) for i, lp in r.top])]
                 if hit:
                     if finish is None:
-                        stopped.append(t.seq)
+                        stopped.append(seq)
                     finish = "stop"  # the stop string wins over a length reached by the same token
-                elif finish == "length":
-                    text += state.stops.flush()
+                elif finish == "length" and stops is not None:
+                    text += stops.flush()
             if finish is not None:
-                del self._states[t.seq]
-            delta = GenerationDelta(text=text, token_ids=[t.token_id], finish_reason=finish, logprobs=logprobs, index=t.seq.index)
-            outputs.append(StepOutput(t.seq.request_id, delta))
+                del states[seq]
+            delta = GenerationDelta(text, [t.token_id], finish, logprobs, seq.index)
+            outputs.append(StepOutput(seq.request_id, delta))
         return outputs, stopped

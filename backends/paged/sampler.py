@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backends.generation import SamplingParams
+from backends.paged.step_inputs import host_to_device
 
 
 @dataclass
@@ -28,6 +29,17 @@ class SamplerState:
     generator: torch.Generator
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
+    # How the device path decides this request's rows, fixed by its parameters: "greedy",
+    # "random" (one batched draw), or None (the host sampler). Decided once here, not per row
+    # and step in `sample_tokens_device`.
+    device_mode: str | None = field(init=False)
+    # Whether the host sampler reads output_ids (penalties): else the runner keeps no history.
+    needs_history: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.device_mode = device_mode(p)
+        self.needs_history = bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device | str = "cpu") -> SamplerState:
@@ -141,22 +153,33 @@ def _is_batchable_random(p: SamplingParams) -> bool:
     return p.seed is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
 
 
+def device_mode(p: SamplingParams) -> str | None:
+    """"greedy" or "random" where the device path can decide a row with these parameters in
+    one batch (greedy, or unseeded plain temperature), else None."""
+    if not _is_plain(p):
+        return None
+    if p.greedy:
+        return "greedy"
+    return "random" if _is_batchable_random(p) else None
+
+
 def sample_tokens_device(logits: torch.Tensor, states: list[SamplerState], allowed: torch.Tensor | None = None) -> torch.Tensor | None:
     """Token ids [B] (int64, on the logits' device, not synced) when every row can be decided
     in one batch on the device (greedy, or unseeded plain temperature); None otherwise. Drawn
     from the tokens `allowed` (bool [B, V] on the logits' device) where given."""
-    params = [s.params for s in states]
-    if not all(_is_plain(p) and (p.greedy or _is_batchable_random(p)) for p in params):
+    modes = {s.device_mode for s in states}
+    if None in modes:
         return None
     logits = mask_logits(logits, allowed)
-    if all(p.greedy for p in params):
+    if modes <= {"greedy"}:
         return logits.argmax(-1)
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+    params = [s.params for s in states]
+    temps = host_to_device(torch.tensor([p.temperature if not p.greedy else 1.0 for p in params]), logits.device)
     probs = (logits / temps[:, None]).softmax(-1)
     # Gumbel-max in its exponential form: argmax(p / E), E ~ Exp(1), draws from p.
     noise = torch.empty_like(probs).exponential_()
     drawn = (probs / noise).argmax(-1)
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    greedy = host_to_device(torch.tensor([p.greedy for p in params]), logits.device)
     return torch.where(greedy, logits.argmax(-1), drawn)
 
 

@@ -41,19 +41,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class ScheduledSeq:
-    """One sequence's share of a step."""
+    """One sequence's share of a step.
 
-    seq: Sequence
-    num_tokens: int  # new tokens computed this step (1 for a decode)
-    # Whether this step reaches the end of the sequence's tokens, so it samples the next one
-    # (an embedding input never samples: its last chunk finishes it). Fixed when planned:
-    # num_computed moves before the step's tokens are read back.
-    samples: bool = field(init=False)
+    A plain slotted class, not a dataclass: a decode step makes one per running sequence, and
+    at batch 256 their construction is a measurable part of the host's step."""
 
-    def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed + self.num_tokens == self.seq.num_tokens and self.seq.pooling is None
+    __slots__ = ("seq", "num_tokens", "samples")
+
+    def __init__(self, seq: Sequence, num_tokens: int, samples: bool | None = None) -> None:
+        self.seq = seq
+        self.num_tokens = num_tokens  # new tokens computed this step (1 for a decode)
+        # Whether this step reaches the end of the sequence's tokens, so it samples the next one
+        # (an embedding input never samples: its last chunk finishes it). Fixed when planned:
+        # num_computed moves before the step's tokens are read back. Callers that know it
+        # (the scheduler's decode path) pass it.
+        if samples is None:
+            samples = seq.num_computed + num_tokens == seq.num_tokens and seq.pooling is None
+        self.samples = samples
+
+    def __repr__(self) -> str:
+        return f"ScheduledSeq({self.seq.request_id!r}, {self.num_tokens}, samples={self.samples})"
 
 
 @dataclass
@@ -68,7 +76,7 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.scheduled)
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     """A sequence's newly known output token, as `update_from_output` hands it on."""
 
@@ -149,6 +157,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
+        bs = self.bm.block_size
+        scheduled = out.scheduled
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -157,8 +167,17 @@ class Scheduler:
             if seq.final_pending:  # its last token is in flight: nothing more to compute
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self.bm.blocks_needed(seq, seq.num_computed + n)
+            computed = seq.num_computed
+            remaining = len(seq.prompt_ids) + len(seq.output_ids) - computed
+            if remaining == 1 and computed < len(seq.block_table) * bs:
+                # The decode fast path: one token into a block it already has, so nothing to
+                # allocate or preempt; it samples unless it is an embedding input's last token.
+                scheduled.append(ScheduledSeq(seq, 1, seq.pooling is None))
+                budget -= 1
+                i += 1
+                continue
+            n = min(remaining, budget)
+            need = self.bm.blocks_needed(seq, computed + n)
             if need:  # most decode steps fit in the last block: nothing to allocate
                 while not self.bm.can_allocate(need):
                     victim = self.running[-1]
@@ -168,8 +187,8 @@ class Scheduler:
                         break
                 if seq.status is not SeqStatus.RUNNING:
                     break  # seq itself was the latest: everything after it is gone too
-                self.bm.allocate(seq, seq.num_computed + n)
-            out.scheduled.append(ScheduledSeq(seq, n))
+                self.bm.allocate(seq, computed + n)
+            scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
 
@@ -228,36 +247,50 @@ class Scheduler:
         """The runner has launched `plan`: its tokens count as computed, each sequence that
         samples gets a PENDING output token (so the next plan sees the right counts before the
         value is known), and blocks now full of known tokens are registered for prefix caching."""
+        bm = self.bm
+        caching, bs = bm.enable_prefix_caching, bm.block_size
+        max_len = self.max_model_len
         for s in plan.scheduled:
             seq = s.seq
             seq.num_computed += s.num_tokens
+            out = seq.output_ids
             if s.samples:
-                index = len(seq.output_ids)
-                seq.output_ids.append(PENDING)
+                index = len(out)
+                out.append(PENDING)
                 seq.num_pending += 1
-                if self._is_last(seq, index):
+                if index + 1 >= seq.sampling.max_tokens or len(seq.prompt_ids) + index + 1 >= max_len:  # _is_last, inlined
                     seq.final_pending = True  # ends with "length" whatever the token is: not scheduled again
-            self.bm.commit_full_blocks(seq, seq.num_tokens - seq.num_pending)
+            # Only when a block may have filled: commit_full_blocks would find nothing new.
+            if caching and min(seq.num_computed, len(seq.prompt_ids) + len(out) - seq.num_pending) >= (len(seq.block_hashes) + 1) * bs:
+                bm.commit_full_blocks(seq, seq.num_tokens - seq.num_pending)
 
     def update_from_output(self, output: RunnerOutput) -> list[SampledToken]:
         """Fill in the sampled tokens of a launched step (its oldest PENDING place, for each
         sequence), register the blocks they complete, and finish and free the sequences that
         hit a stop token or their length. Returns the new tokens in the output's order."""
         new: list[SampledToken] = []
+        bm = self.bm
+        caching, bs = bm.enable_prefix_caching, bm.block_size
+        max_len = self.max_model_len
+        finished = SeqStatus.FINISHED
         for seq, token, sample in zip(output.seqs, output.token_ids, output.samples):
-            if seq.status is SeqStatus.FINISHED:  # finished by an earlier token, or aborted
+            if seq.status is finished:  # finished by an earlier token, or aborted
                 continue
-            index = len(seq.output_ids) - seq.num_pending
-            seq.output_ids[index] = token
+            out = seq.output_ids
+            index = len(out) - seq.num_pending
+            out[index] = token
             seq.num_pending -= 1
-            self.bm.commit_full_blocks(seq, seq.num_tokens - seq.num_pending)
+            known = len(seq.prompt_ids) + len(out) - seq.num_pending
+            if caching and min(seq.num_computed, known) >= (len(seq.block_hashes) + 1) * bs:
+                bm.commit_full_blocks(seq, known)
             finish = None
+            # Stop checks on token ids: a set lookup, no text involved.
             if token in seq.stop_token_ids:
                 finish = "stop"
             elif seq.constraint is not None and not seq.constraint.accept(token):
                 self._grammar_rejected(seq, token)
                 finish = "stop"
-            elif self._is_last(seq, index):
+            elif index + 1 >= seq.sampling.max_tokens or len(seq.prompt_ids) + index + 1 >= max_len:  # _is_last, inlined
                 finish = "length"
             if finish is not None:
                 self.remove(seq)

@@ -43,24 +43,39 @@ class StepInputs:
         return self.num_prefills == 0
 
 
-def _last_token(s: ScheduledSeq) -> int:
-    seq = s.seq
-    # A decode computes the token at position num_computed, which is the sequence's last.
-    return seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]
+def _block_tables(tables: list[list[int]]) -> np.ndarray:
+    """The sequences' block tables as one int32 array [S, W], zero-padded, W a multiple of 16.
+
+    Filled with one scatter of the concatenated tables rather than a row assignment per
+    sequence (a few microseconds each, at batch 256 a visible part of the host's step).
+    Padded to a multiple of 16: the width is the Triton kernels' block-table stride, and Triton
+    compiles a separate variant for strides that are (not) multiples of 16; one width class
+    means no compilation in the middle of serving."""
+    lens = list(map(len, tables))
+    longest = max(lens)
+    width = -(-longest // 16) * 16
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    flat: list[int] = []
+    for bt in tables:
+        flat += bt
+    if not flat:
+        return out
+    values = np.array(flat, dtype=np.int32)
+    if min(lens) == longest:  # every table as long (a steady decode batch): one block copy
+        out[:, :longest] = values.reshape(len(tables), longest)
+    else:
+        n = np.asarray(lens)
+        rows = np.repeat(np.arange(len(tables)), n)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)  # index within its row
+        out[rows, cols] = values
+    return out
 
 
 def build_step_inputs(prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], block_size: int) -> StepInputs:
     """Host arrays for a step that runs `prefills` (chunks) then `decodes` (one token each)."""
     ordered = prefills + decodes
     S, P, D = len(ordered), len(prefills), len(decodes)
-    # Padded to a multiple of 16: the width is the Triton kernels' block-table stride, and
-    # Triton compiles a separate variant for strides that are (not) multiples of 16; one width
-    # class means no compilation in the middle of serving.
-    width = -(-max(len(s.seq.block_table) for s in ordered) // 16) * 16
-    tables = np.zeros((S, width), dtype=np.int32)
-    for r, s in enumerate(ordered):
-        bt = s.seq.block_table
-        tables[r, : len(bt)] = bt
+    tables = _block_tables([s.seq.block_table for s in ordered])
 
     ids_parts: list[np.ndarray] = []
     pos_parts: list[np.ndarray] = []
@@ -80,19 +95,31 @@ def build_step_inputs(prefills: list[ScheduledSeq], decodes: list[ScheduledSeq],
     num_prefill_tokens = row
     dctx: list[int] = []
     if D:
-        dpos = np.fromiter((s.seq.num_computed for s in decodes), dtype=np.int64, count=D)
-        ids_parts.append(np.fromiter((_last_token(s) for s in decodes), dtype=np.int64, count=D))
+        dseqs = [s.seq for s in decodes]
+        dpos = np.fromiter([seq.num_computed for seq in dseqs], dtype=np.int64, count=D)
+        # A decode computes the token at position num_computed, the sequence's last: its last
+        # output (PENDING under async scheduling: the runner points the row at the device's id),
+        # or the prompt's last for a sequence that has no output yet.
+        ids_parts.append(np.fromiter([seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in dseqs], dtype=np.int64, count=D))
         pos_parts.append(dpos)
         dctx = (dpos + 1).tolist()
         # Every decode samples (its one new token is the sequence's last).
         sample_rows.extend(range(num_prefill_tokens, num_prefill_tokens + D))
-    input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
-    positions = np.concatenate(pos_parts) if pos_parts else np.zeros(0, dtype=np.int64)
+    if P:
+        input_ids = np.concatenate(ids_parts)
+        positions = np.concatenate(pos_parts)
+        seq_of_token = np.repeat(np.arange(S), qlens + [1] * D)
+        context_lens = np.asarray(pctx + dctx, dtype=np.int32)
+    elif D:  # a pure decode step: one token per sequence, nothing to concatenate or repeat
+        input_ids, positions = ids_parts[0], pos_parts[0]
+        seq_of_token = np.arange(D)
+        context_lens = (positions + 1).astype(np.int32)
+    else:
+        input_ids = positions = seq_of_token = np.zeros(0, dtype=np.int64)
+        context_lens = np.zeros(0, dtype=np.int32)
     # Each token's slot: its block (looked up in its sequence's table row) * block_size + offset.
-    seq_of_token = np.repeat(np.arange(S), [*qlens, *([1] * D)])
     blocks = tables[seq_of_token, positions // block_size].astype(np.int64)
     slot_mapping = blocks * block_size + positions % block_size
-    context_lens = np.asarray(pctx + dctx, dtype=np.int32)
     query_starts = np.zeros(P + 1, dtype=np.int32)
     if P:
         np.cumsum(qlens, out=query_starts[1:])
@@ -118,8 +145,7 @@ def to_device(inp: StepInputs, device: torch.device, decode_splits: int = 1) -> 
     """(input_ids, positions, metadata) on `device` for an eager forward."""
 
     def dev(a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+        return host_to_device(torch.from_numpy(a), device)
 
     meta = AttentionMetadata(
         slot_mapping=dev(inp.slot_mapping),
@@ -139,6 +165,17 @@ def to_device(inp: StepInputs, device: torch.device, decode_splits: int = 1) -> 
     if inp.prev_rows is not None:
         input_ids = patch_input_ids(input_ids, inp.prev_tokens, dev(inp.prev_rows))
     return input_ids, dev(inp.positions), meta
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: on CUDA staged through pinned
+    memory (torch's caching host allocator) and copied asynchronously. A copy from pageable
+    memory may make the driver wait for the stream's queued work, under async scheduling the
+    step in flight, which is the overlap async scheduling is for; `torch.tensor(..., device=)`
+    always waits. On the CPU, `t` itself."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def patch_input_ids(input_ids: torch.Tensor, prev_tokens: torch.Tensor, prev_rows: torch.Tensor) -> torch.Tensor:

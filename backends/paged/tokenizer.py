@@ -5,6 +5,7 @@ streaming."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,6 +84,7 @@ class HFTokenizer:
         self.bos_text = tok.id_to_token(bos_token_id) or "" if bos_token_id is not None else ""
         self.eos_text = tok.id_to_token(eos_token_ids[0]) or "" if eos_token_ids else ""
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._token_bytes: list[bytes] | None | bool = False  # False: not built yet
 
     def encode(self, text: str) -> list[int]:
         """Token ids with special tokens parsed and BOS prepended where the model wants it."""
@@ -98,6 +100,19 @@ class HFTokenizer:
     def token_text(self, token_id: int) -> str:
         """One token's own text (for logprobs), special tokens included."""
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def special_token_ids(self) -> set[int]:
+        """Ids of the special (control) tokens, which decode drops."""
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def token_bytes(self) -> list[bytes] | None:
+        """Every id's bytes, such that decode(ids) is their concatenation read as UTF-8 (bad
+        bytes replaced), for a byte-level BPE decoder (GPT-2 style: GGUF "gpt2" vocabularies,
+        Llama 3, Qwen2, SmolLM2); None for any other decoder. Built on first call (tens of
+        milliseconds) and checked against decode() id by id: one disagreement, and None."""
+        if self._token_bytes is False:
+            self._token_bytes = _byte_level_table(self._tok, self.vocab_size)
+        return self._token_bytes  # type: ignore[return-value]
 
     def grammar_compiler(self, vocab_size: int) -> GrammarCompiler:
         """From the tokenizer's JSON, as llguidance reads HF tokenizers (see Tokenizer)."""
@@ -219,6 +234,14 @@ class ByteTokenizer:
     def token_text(self, token_id: int) -> str:
         return self._table[token_id].decode("utf-8", errors="replace")
 
+    def special_token_ids(self) -> set[int]:
+        """Pad, BOS and EOS."""
+        return set(range(self.OFFSET))
+
+    def token_bytes(self) -> list[bytes]:
+        """Every id's bytes: decode(ids) is their concatenation read as UTF-8."""
+        return self._table
+
     def grammar_compiler(self, vocab_size: int) -> GrammarCompiler:
         """From every id's bytes (see Tokenizer): the specials are none, ids past the bytes
         are their "<id>" text, as decode shows them."""
@@ -228,6 +251,110 @@ class ByteTokenizer:
         return GrammarCompiler.from_token_bytes(
             [self._bytes(i) for i in range(vocab_size)], eos_token_id=self.eos_token_ids[0], bos_token_id=self.bos_token_id, special_ids=specials
         )
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme): bytes that are
+    printable Latin-1 ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 for
+    chr(256), chr(257), ... in byte order. Returns char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _byte_level_table(tok: Any, vocab_size: int) -> list[bytes] | None:
+    """HFTokenizer.token_bytes for a `tokenizers.Tokenizer` (see there), or None."""
+    from tokenizers import decoders
+
+    if not isinstance(tok.decoder, decoders.ByteLevel):
+        return None
+    alphabet = _byte_level_alphabet()
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    table: list[bytes] = []
+    for i in range(vocab_size):
+        piece = tok.id_to_token(i)
+        if piece is None or i in special:
+            table.append(b"")  # decode leaves specials out (skip_special_tokens)
+        elif all(c in alphabet for c in piece):
+            table.append(bytes(alphabet[c] for c in piece))
+        else:  # not byte-level text (an added token): its own UTF-8
+            table.append(piece.encode())
+    # The check: every id alone decodes as its bytes do (whole pieces, and partial characters,
+    # both replaced alike).
+    texts = tok.decode_batch([[i] for i in range(vocab_size)], skip_special_tokens=True)
+    if any(t != b.decode("utf-8", errors="replace") for t, b in zip(texts, table)):
+        return None
+    return table
+
+
+class ByteTables:
+    """A byte-level tokenizer's per-id bytes, and each id's text where its bytes are whole
+    UTF-8 characters (None where they are not: part of a character, or bad bytes)."""
+
+    __slots__ = ("bytes", "texts")
+
+    def __init__(self, table: list[bytes]) -> None:
+        self.bytes = table
+        self.texts: list[str | None] = []
+        for piece in table:
+            try:
+                self.texts.append(piece.decode())
+            except UnicodeDecodeError:
+                self.texts.append(None)
+
+
+def byte_tables(tokenizer: Tokenizer) -> ByteTables | None:
+    """`tokenizer`'s ByteTables if its decode is its tokens' bytes read as UTF-8
+    (`token_bytes()`), else None. Build once per tokenizer and share: it walks the vocabulary."""
+    table = tokenizer.token_bytes() if hasattr(tokenizer, "token_bytes") else None
+    return None if table is None else ByteTables(table)
+
+
+class ByteDetokenizer:
+    """Text deltas for a tokenizer whose decode is its tokens' bytes read as UTF-8
+    (`byte_tables`): a table lookup per token, instead of IncrementalDetokenizer's two decodes
+    of a window. A character split across tokens comes whole with its last byte; bytes that
+    can never complete one come as U+FFFD once the next byte shows it; the concatenated deltas
+    equal decode() of the ids (an unfinished character at the end is never emitted, as
+    IncrementalDetokenizer holds it back too)."""
+
+    __slots__ = ("_bytes", "_texts", "_pending")
+
+    def __init__(self, tables: ByteTables) -> None:
+        self._bytes = tables.bytes
+        self._texts = tables.texts
+        self._pending = b""  # the start of a character whose other bytes have not come yet
+
+    def add(self, token_id: int) -> str:
+        """Append one generated id; return the text it completes (maybe empty)."""
+        if not self._pending:
+            try:
+                text = self._texts[token_id]
+            except IndexError:  # an id of the model's padded vocabulary, past the tokenizer's: no text
+                return ""
+            if text is not None:  # the common case: whole characters, nothing held
+                return text
+            piece = self._bytes[token_id]
+        else:
+            piece = self._pending + (self._bytes[token_id] if token_id < len(self._bytes) else b"")
+        # What codecs' incremental UTF-8 decoder does, without its Python-level wrapper.
+        text, used = codecs.utf_8_decode(piece, "replace", False)
+        self._pending = piece[used:]
+        return text
+
+
+def make_detokenizer(tokenizer: Tokenizer, prompt_ids: list[int], tables: ByteTables | None = None) -> IncrementalDetokenizer | ByteDetokenizer:
+    """The cheapest detokenizer that gives `tokenizer`'s text: the byte tables' (`tables`, or
+    built here) where it has them, else the general one (which keeps a few prompt tokens as
+    context)."""
+    if tables is None:
+        tables = byte_tables(tokenizer)
+    return ByteDetokenizer(tables) if tables is not None else IncrementalDetokenizer(tokenizer, prompt_ids)
 
 
 class IncrementalDetokenizer:

@@ -1,6 +1,6 @@
-"""`turnout bench engine`: offline throughput of the paged engine on dummy weights, with
-transformers' continuous batching on the same GPU and the same weights as the peer, and the
-decode phase against the memory-bandwidth roofline.
+"""`turnout bench engine`: offline throughput of the paged engine on dummy (or real) weights,
+with transformers' continuous batching on the same GPU and the same weights as the peer, and
+the decode step against its rooflines (bytes only; bytes and FLOPs).
 
     turnout bench engine --shape llama3-8b --num-requests 256 --input-len 256 --output-len 256 \
         --json bench.json
@@ -21,10 +21,30 @@ cannot hold there: those requests get the same max_tokens and their tok/s counts
 actually generated. Their prompts differ from the first run's in the first token, so the
 prefix cache gives them nothing.
 
-The roofline: a decode step must read every weight once and the KV of every context token
-once; that many bytes over the device's measured copy bandwidth (bytes read + written by a
-large device-to-device copy) is the step's floor. Efficiency = floor / measured step time,
-summed over the pure-decode steps.
+The rooflines (gateway/bench/roofline.py): a decode step must read every weight once and the
+KV of every context token once, and do 2 x params x batch FLOPs of GEMMs plus attention's.
+Bandwidth (a large device-to-device copy, bytes read + written) and matmul peak (a large
+matmul in the compute dtype; `torch._scaled_mm` too with fp8) are measured at start, the data
+sheet's numbers printed beside them. Two floors per step, summed over the pure-decode steps:
+bytes only (sum of bytes / bandwidth), and bytes and FLOPs (per op, max(bytes / bandwidth,
+FLOPs / peak)); the report gives the step's wall (and GPU time) over each. The older
+`floor_ms_per_step` (all weights, embedding table included, plus KV, over the bandwidth) stays
+in the JSON for comparison with earlier figures.
+
+`--model PATH.gguf` (or a store name such as smollm2-135m, or an HF directory) runs the
+workload on real weights, loaded as the engine loads them (a GGUF dequantized), with the
+model's tokenizer; the prompts stay random ids, drawn from the tokenizer's non-special ones.
+
+`--profile` (CUDA) profiles a few decode steps after the timed run and says what bounds the
+step: GPU kernel time by category (GEMM, attention, other), GPU busy time, and host time not
+overlapped (gateway/bench/engine_profile.py). `--host-profile` (CPU or CUDA) shows where the
+host's time per step goes: the model's calls against the rest, and cProfile's top functions.
+On the CPU, with the tiny shape, the model costs little and the host's per-sequence work at
+batch 256 shows (one torch thread: the other core's contention stays out of the numbers):
+
+    OMP_NUM_THREADS=1 python -m gateway.bench.engine --device cpu --shape tiny --dtype float32 \
+        --num-requests 256 --input-len 16 --output-len 256 --async-scheduling --host-profile \
+        --profile-after 8 --profile-steps 100 --no-transformers
 
 `--tensor-parallel-size N` runs the engine on N GPUs (`tensor_parallel_size`: this process is
 rank 0 and starts the others); the roofline is then one GPU's: its share of the weights and
@@ -40,12 +60,14 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gateway.bench.engine_profile import gpu_profile, host_profile, print_profile
+from gateway.bench.roofline import DeviceLimits, decode_ops, measure_limits, ops_table, step_floor
 
 SHAPES = ("smollm2-135m", "llama3-1b", "llama3-8b", "llama3-70b", "tiny")  # tiny: CPU smoke runs
 
@@ -73,8 +95,11 @@ class Workload:
         return sum(self.output_lens)
 
 
-def make_workload(kind: str, n: int, input_len: int, output_len: int, vocab: int, seed: int) -> Workload:
-    """Random prompt token ids (never specials) and output lengths for n requests.
+def make_workload(
+    kind: str, n: int, input_len: int, output_len: int, vocab: int, seed: int, exclude: Collection[int] = ()
+) -> Workload:
+    """Random prompt token ids (never specials: not 0..2, nor any id in `exclude`) and output
+    lengths for n requests.
 
     sharegpt: log-normal lengths with medians input_len / output_len and ShareGPT-like spread
     (sigma 0.9 for prompts, 0.7 for outputs), clipped to [4, 8 x median]."""
@@ -87,7 +112,11 @@ def make_workload(kind: str, n: int, input_len: int, output_len: int, vocab: int
         outs = np.clip(np.round(rng.lognormal(math.log(output_len), 0.7, n)), 4, 8 * output_len).astype(int)
     else:
         raise ValueError(f"unknown workload {kind!r}")
-    prompts = [rng.integers(3, vocab, size=int(k)).tolist() for k in ins]
+    allowed = np.setdiff1d(np.arange(3, vocab), np.asarray(sorted(exclude), dtype=np.int64))
+    if len(allowed) == vocab - 3:  # the dummy shapes' case: the same draws as ever
+        prompts = [rng.integers(3, vocab, size=int(k)).tolist() for k in ins]
+    else:
+        prompts = [allowed[rng.integers(0, len(allowed), size=int(k))].tolist() for k in ins]
     return Workload(prompts, [int(x) for x in outs])
 
 
@@ -96,26 +125,6 @@ def percentiles(values: Sequence[float], ps: Sequence[int] = (50, 90, 99)) -> di
         return {}
     arr = np.asarray(values, dtype=np.float64)
     return {f"p{p}": float(np.percentile(arr, p)) for p in ps} | {"mean": float(arr.mean())}
-
-
-def copy_bandwidth(torch: Any, nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / float(np.median(times))
 
 
 @dataclass
@@ -147,9 +156,10 @@ class EngineResult:
     quantization: str | None = None  # "fp8", or None: the weights in the compute dtype
     tensor_parallel_size: int = 1  # GPUs (ranks) the model is split across; the roofline is one rank's
     finished_stop: int = 0  # requests that ended with "stop" (EOS: with a grammar, its object complete)
+    host_profile: dict[str, Any] = field(default_factory=dict)  # --host-profile
 
 
-def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[EngineResult, Any]:
+def run_engine(args: argparse.Namespace, work: Workload, limits: DeviceLimits | None) -> tuple[EngineResult, Any]:
     """Our engine over the workload; returns the result and the engine (for the peer's weights)."""
     from backends.generation import GenerationRequest, SamplingParams
 
@@ -158,12 +168,12 @@ def run_engine(args: argparse.Namespace, work: Workload, bw: float) -> tuple[Eng
         GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
         for i, (p, n) in enumerate(zip(work.prompts, work.output_lens))
     ]
-    result, _ = time_requests(engine, args, reqs, work.prompt_tokens, bw, load_s, profile=True)
+    result, _ = time_requests(engine, args, reqs, work.prompt_tokens, limits, load_s, profile=True)
     return result, engine
 
 
 def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
-    """The engine on dummy weights, warmed up; and its load time in seconds."""
+    """The engine on dummy weights (or --model's), warmed up; and its load time in seconds."""
     import torch
 
     from backends.generation import GenerationRequest, SamplingParams
@@ -172,7 +182,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
     cuda = args.device == "cuda"
     t0 = time.perf_counter()
     engine = LLMEngine.from_model(
-        f"dummy:{args.shape}",
+        model_name(args),
         device=args.device,
         dtype=args.dtype,
         block_size=args.block_size,
@@ -181,7 +191,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
-        async_scheduling=False if getattr(args, "sync_scheduling", False) else None,
+        async_scheduling=scheduling(args),
         seed=args.seed,
         quantization=quantization(args),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
@@ -199,16 +209,21 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
 
 
 def time_requests(
-    engine: Any, args: argparse.Namespace, reqs: list[Any], prompt_tokens: int, bw: float, load_s: float, *, profile: bool = False, keep_text: bool = False
+    engine: Any,
+    args: argparse.Namespace,
+    reqs: list[Any],
+    prompt_tokens: int,
+    limits: DeviceLimits | None,
+    load_s: float,
+    *,
+    profile: bool = False,
+    keep_text: bool = False,
 ) -> tuple[EngineResult, dict[str, str]]:
     """Run `reqs` to completion on a warmed-up engine, timed; the result and, with
     `keep_text`, each request's text (for checking constrained outputs)."""
     import torch
 
-    from backends.paged.kv_cache import bytes_per_block
-
     cuda = args.device == "cuda"
-    cfg = engine.config
     # CUDA events around the model calls (the forward pass, then the sampling, launched apart
     # for grammar rows) split GPU time from the step's host work. The sampling's span includes
     # any wait of the device for the grammar masks, filled on the host inside that call.
@@ -269,36 +284,22 @@ def time_requests(
     duration = time.perf_counter() - t_start
     engine._run_model, engine._run_sampling = run_model, run_sampling
     graph_steps = engine.counters.graph_steps - graph0
+    host_prof: dict[str, Any] = {}
     if profile and args.profile and cuda:
         # Outside the timed run: the profiler's start-up and trace processing take seconds.
-        prof_result = profile_rerun(engine, torch, reqs, args.profile_after, args.profile_steps)
+        prof_result = gpu_profile(engine, torch, reqs, args.profile_after, args.profile_steps)
+    if profile and getattr(args, "host_profile", False):
+        host_prof = host_profile(engine, reqs, args.profile_after, args.profile_steps)
 
     produced = sum(count.values())
     ttft = [(first[r.request_id] - t_start) * 1e3 for r in reqs if r.request_id in first]
     tpot = [(last[r.request_id] - first[r.request_id]) * 1e3 / (count[r.request_id] - 1) for r in reqs if count.get(r.request_id, 0) > 1]
-
-    # Decode roofline over pure-decode steps: weights once + every context token's K and V
-    # (this rank's share of both under tensor parallelism).
-    weight_bytes = engine.model.w.nbytes()
-    kv_token_bytes = bytes_per_block(engine.runner.local_config, 1, engine.dtype)
     dec = [(wall, info, sum(a.elapsed_time(b) for a, b in pairs)) for wall, info, pairs in steps if info.num_prefill_tokens == 0]
-    floor_s = sum((weight_bytes + info.context_tokens * kv_token_bytes) / bw for _, info, _ in dec) if bw else 0.0
-    wall_s = sum(w for w, _, _ in dec)
+    roofline = decode_roofline(engine, [(w, g / 1e3, info.num_decodes, info.context_tokens) for w, info, g in dec], limits)
     gpu_s = sum(g for _, _, g in dec) / 1e3
-    bytes_total = sum(weight_bytes + info.context_tokens * kv_token_bytes for _, info, _ in dec)
-    roofline = {
-        "copy_bandwidth_gb_s": bw / 1e9,  # 0 on CPU: no roofline there
-        "weight_bytes": float(weight_bytes),
-        "kv_bytes_per_token": float(kv_token_bytes),
-        "mean_bytes_per_step": bytes_total / max(1, len(dec)),
-        "floor_ms_per_step": floor_s * 1e3 / max(1, len(dec)),
-        "achieved_gb_s": bytes_total / wall_s / 1e9 if wall_s else 0.0,
-        "efficiency": floor_s / wall_s if wall_s else 0.0,  # of the step's wall time
-        "efficiency_gpu_time": floor_s / gpu_s if gpu_s else 0.0,  # of the model call's GPU time
-    }
     bm = engine.block_manager
     result = EngineResult(
-        shape=args.shape,
+        shape=getattr(args, "model", None) or args.shape,
         workload=args.workload,
         num_requests=len(reqs),
         prompt_tokens=prompt_tokens,
@@ -321,12 +322,78 @@ def time_requests(
         roofline=roofline,
         load_s=load_s,
         profile=prof_result,
+        host_profile=host_prof,
         async_scheduling=engine.async_scheduling,
         quantization=engine.options.quantization,
         tensor_parallel_size=engine.options.tensor_parallel_size,
         finished_stop=stopped,
     )
     return result, texts
+
+
+def decode_roofline(engine: Any, dec: list[tuple[float, float, int, int]], limits: DeviceLimits | None) -> dict[str, Any]:
+    """Both floors of the pure-decode steps `dec` ((wall s, GPU s, batch, context tokens) each)
+    and the measured step over each; this rank's weights and KV under tensor parallelism. Zeros
+    without `limits` (the CPU): no roofline there."""
+    import torch
+
+    from backends.paged.kv_cache import bytes_per_block
+
+    weights, local = engine.model.w, engine.runner.local_config
+    kv_token_bytes = bytes_per_block(local, 1, engine.dtype)
+    act_bytes = torch.empty((), dtype=engine.dtype).element_size()
+    weight_bytes = weights.nbytes()
+    n = max(1, len(dec))
+    wall_s, gpu_s = sum(d[0] for d in dec), sum(d[1] for d in dec)
+    bw = limits.bandwidth if limits else 0.0
+    # The older floor: every weight (the embedding table too) and the KV, over the bandwidth.
+    all_weights_s = sum((weight_bytes + ctx * kv_token_bytes) / bw for _, _, _, ctx in dec) if bw else 0.0
+    bytes_s = op_s = 0.0
+    if limits and bw:
+        for _, _, batch, ctx in dec:
+            floor = step_floor(decode_ops(weights, local, kv_token_bytes, batch, ctx, limits, act_bytes), bw)
+            bytes_s += floor.bytes_s
+            op_s += floor.op_s
+    mean_batch = float(np.mean([d[2] for d in dec])) if dec else 0.0
+    mean_ctx = float(np.mean([d[3] for d in dec])) if dec else 0.0
+    ops = ops_table(decode_ops(weights, local, kv_token_bytes, mean_batch, mean_ctx, limits, act_bytes), bw) if limits and bw else []
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else 0.0
+
+    return {
+        "limits": limits.as_dict() if limits else {},
+        "copy_bandwidth_gb_s": bw / 1e9,  # 0 on CPU: no roofline there
+        "matmul_tflops": (limits.matmul_flops / 1e12) if limits else 0.0,
+        "fp8_tflops": (limits.fp8_flops or 0.0) / 1e12 if limits else 0.0,
+        "weight_bytes": float(weight_bytes),
+        "kv_bytes_per_token": float(kv_token_bytes),
+        "mean_batch": mean_batch,
+        "mean_context_tokens": mean_ctx,
+        "bytes_floor_ms_per_step": bytes_s * 1e3 / n,  # sum(bytes) / bandwidth
+        "op_floor_ms_per_step": op_s * 1e3 / n,  # sum over ops of max(bytes / bandwidth, FLOPs / peak)
+        "wall_over_bytes_floor": ratio(wall_s, bytes_s),
+        "wall_over_op_floor": ratio(wall_s, op_s),
+        "gpu_over_bytes_floor": ratio(gpu_s, bytes_s),
+        "gpu_over_op_floor": ratio(gpu_s, op_s),
+        "ops_at_mean_batch": ops,
+        # The older bytes-only floor, for comparison with earlier figures.
+        "floor_ms_per_step": all_weights_s * 1e3 / n,
+        "efficiency": ratio(all_weights_s, wall_s),  # of the step's wall time
+        "efficiency_gpu_time": ratio(all_weights_s, gpu_s),  # of the model call's GPU time
+    }
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """What the engine loads: --model, or the dummy shape."""
+    return getattr(args, "model", None) or f"dummy:{args.shape}"
+
+
+def scheduling(args: argparse.Namespace) -> bool | None:
+    """The engine's async_scheduling option: forced off or on, or None (the device's default)."""
+    if getattr(args, "sync_scheduling", False):
+        return False
+    return True if getattr(args, "async_scheduling", False) else None
 
 
 def quantization(args: argparse.Namespace) -> str | None:
@@ -368,7 +435,7 @@ def release_engine(engine: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def run_json_schema(engine: Any, args: argparse.Namespace, work: Workload, bw: float) -> dict[str, Any]:
+def run_json_schema(engine: Any, args: argparse.Namespace, work: Workload, limits: DeviceLimits | None) -> dict[str, Any]:
     """The workload again, every request constrained to JSON_SCHEMA (see the module docstring):
     the timed result, how many outputs ended complete, and of those how many parse and validate."""
     from backends.generation import GenerationRequest, SamplingParams
@@ -388,7 +455,7 @@ def run_json_schema(engine: Any, args: argparse.Namespace, work: Workload, bw: f
     engine.generate_sync([request(f"jwarm{i}", [3 + (11 * i + 5 * j) % (vocab - 3) for j in range(24)], 8) for i in range(4)])
     # First token moved: every block's chain digest differs from the first run's.
     reqs = [request(f"j{i}", [3 + (p[0] - 2) % (vocab - 3), *p[1:]], n) for i, (p, n) in enumerate(zip(work.prompts, work.output_lens))]
-    result, texts = time_requests(engine, args, reqs, work.prompt_tokens, bw, 0.0, keep_text=True)
+    result, texts = time_requests(engine, args, reqs, work.prompt_tokens, limits, 0.0, keep_text=True)
     return {**asdict(result), "compile_s": compile_s, "valid_json": sum(_valid(t) for t in texts.values())}
 
 
@@ -426,69 +493,6 @@ class _Stamp:
         if self._event is not None:
             return self._event.elapsed_time(end._event)
         return (end._t - self._t) * 1e3
-
-
-def profile_rerun(engine: Any, torch: Any, reqs: list[Any], after: int, n: int) -> dict[str, Any]:
-    """Replay the workload untimed up to `after` pure-decode steps, then profile n decode steps
-    with torch.profiler (GPU kernel time against wall time, top kernels) and n more with
-    cProfile (where the host time goes); abort the rest."""
-    import cProfile
-    import pstats
-    from dataclasses import replace
-
-    from torch.profiler import ProfilerActivity, profile
-
-    for r in reqs:
-        engine.add_request(replace(r, request_id="prof-" + r.request_id))
-    seen = 0
-    while engine.has_unfinished() and seen < after:
-        engine.step()
-        if engine.last_step is not None and engine.last_step.num_prefill_tokens == 0:
-            seen += 1
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        engine.step()
-    torch.cuda.synchronize()
-    plain_wall = time.perf_counter() - t0
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            engine.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    host = cProfile.Profile()
-    host.enable()
-    for _ in range(n):
-        engine.step()
-    host.disable()
-    stats = pstats.Stats(host).stats  # type: ignore[attr-defined]
-    host_top = sorted(((v[2], k) for k, v in stats.items()), reverse=True)[:12]
-    batch = engine.last_step.num_decodes if engine.last_step else 0
-    for rid in list(engine.requests):
-        engine.abort(rid)
-    kernels = []
-    total_us = 0.0
-    for ev in prof.key_averages():
-        dev_us = getattr(ev, "self_device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(ev, "self_cuda_time_total", 0.0)
-        if dev_us and ev.key and not ev.key.startswith("cuda"):
-            kernels.append((ev.key, dev_us, ev.count))
-            total_us += dev_us
-    kernels.sort(key=lambda k: -k[1])
-    return {
-        "steps": n,
-        "batch": batch,
-        "wall_ms_per_step_unprofiled": plain_wall * 1e3 / n,
-        "wall_ms_per_step": wall * 1e3 / n,
-        "host_top_tottime_ms_per_step": [
-            {"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "ms_per_step": t * 1e3 / n} for t, k in host_top
-        ],
-        "gpu_kernel_ms_per_step": total_us / 1e3 / n,
-        "gpu_busy_fraction": (total_us / 1e6) / wall if wall else 0.0,
-        "top_kernels": [{"name": k[:90], "ms_per_step": us / 1e3 / n, "calls_per_step": c / n} for k, us, c in kernels[:12]],
-    }
 
 
 def run_transformers(engine: Any, work: Workload, args: argparse.Namespace) -> dict[str, Any]:
@@ -548,6 +552,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """The benchmark's options (also used as the `turnout bench engine` subparser)."""
     p = parser or argparse.ArgumentParser(prog="turnout bench engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="smollm2-135m", help="dummy model shape (random weights)")
+    p.add_argument("--model", help="real weights instead of --shape: a GGUF path or store name (smollm2-135m), or an HF directory")
     p.add_argument("--workload", choices=("fixed", "sharegpt"), default="fixed")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens (median for sharegpt)")
@@ -566,11 +571,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--sync-scheduling", action="store_true", help="no async scheduling (host work not overlapped with the GPU)")
+    sched = p.add_mutually_exclusive_group()
+    sched.add_argument("--sync-scheduling", action="store_true", help="no async scheduling (host work not overlapped with the GPU)")
+    sched.add_argument("--async-scheduling", action="store_true", help="async scheduling on any device (the CPU's default is off)")
     p.add_argument("--json-schema", action="store_true", help="also run the workload constrained to a small JSON Schema (JSON_SCHEMA)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-attn", default="sdpa", help="attn_implementation for the transformers peer")
-    p.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps: GPU kernel time by category against the step's wall (CUDA)")
+    p.add_argument("--host-profile", action="store_true", help="where the host's time per decode step goes: model calls against the rest, cProfile's top functions")
     p.add_argument("--profile-after", type=int, default=64, help="decode steps before the profiled ones")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run (no roofline, no peer)")
@@ -593,7 +601,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("TPOT p50/p90/p99", "/".join(f"{e['tpot_ms'].get(k, 0):.2f}" for k in ("p50", "p90", "p99")) + " ms"),
         ("KV pool / peak usage", f"{e['kv_pool_gib']:.1f} GiB ({e['kv_pool_blocks']} blocks) / {100 * e['kv_usage_peak']:.1f} %"),
         ("decode step (wall / GPU)", f"{e['decode_step_ms'].get('mean', 0):.2f} / {e['decode_gpu_ms_mean']:.2f} ms at batch {e['decode_batch_mean']:.0f}, {e['graph_steps']} graph steps"),
-        ("decode roofline", f"floor {rf['floor_ms_per_step']:.2f} ms/step at {rf['copy_bandwidth_gb_s']:.0f} GB/s; {100 * rf['efficiency']:.0f} % of it (GPU time: {100 * rf['efficiency_gpu_time']:.0f} %)"),
+        *roofline_rows(rf, report.get("limits") or {}),
     ]
     js = report.get("engine_json_schema")
     if js:
@@ -606,11 +614,9 @@ def print_table(report: dict[str, Any]) -> None:
                      f"{fp8['roofline']['weight_bytes'] / 2**30:.2f} GiB against {rf['weight_bytes'] / 2**30:.2f})"))  # fmt: skip
         frf = fp8["roofline"]
         rows.append(("decode step, fp8", f"{fp8['decode_step_ms'].get('mean', 0):.2f} / {fp8['decode_gpu_ms_mean']:.2f} ms at batch {fp8['decode_batch_mean']:.0f}; "
-                     f"bytes floor {frf['floor_ms_per_step']:.2f} ms, {100 * frf['efficiency']:.0f} % of it"))  # fmt: skip
+                     f"floors: bytes {frf['bytes_floor_ms_per_step']:.2f} ms (wall {frf['wall_over_bytes_floor']:.2f}x), "
+                     f"bytes+FLOPs {frf['op_floor_ms_per_step']:.2f} ms (wall {frf['wall_over_op_floor']:.2f}x)"))  # fmt: skip
         rows.append(("KV pool, fp8", f"{fp8['kv_pool_gib']:.1f} GiB ({fp8['kv_pool_blocks']} blocks)"))
-    if e.get("profile"):
-        pr = e["profile"]
-        rows.append(("profile (decode)", f"wall {pr['wall_ms_per_step_unprofiled']:.2f} ms/step, GPU kernels {pr['gpu_kernel_ms_per_step']:.2f} ms/step at batch {pr['batch']}"))
     if hf.get("output_tok_s"):
         rows.append(("transformers generate_batch", f"{hf['output_tok_s']:,.0f} output tok/s ({hf['duration_s']:.1f} s, {hf['attn_implementation']})"))
         rows.append(("speed-up", f"{e['output_tok_s'] / hf['output_tok_s']:.1f}x"))
@@ -619,6 +625,33 @@ def print_table(report: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    for key, title in (("profile", "GPU profile of the decode step"), ("host_profile", "host profile of the decode step")):
+        for run, res in (("", e), (", fp8", fp8 or {})):
+            if res.get(key):
+                print_profile(title + run, res[key])
+
+
+def roofline_rows(rf: dict[str, Any], limits: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's roofline rows: the device's limits (measured, and the data sheet's), both
+    floors and the step's wall (and GPU time) over each. None on the CPU."""
+    if not rf.get("copy_bandwidth_gb_s"):
+        return []
+    nominal = limits.get("nominal") or {}
+
+    def beside(key: str, scale: float, unit: str) -> str:
+        v = nominal.get(key)
+        src = (limits.get("source") or {}).get(key, "")
+        note = "" if src == "measured" else f", {src}"
+        return f" (data sheet {v / scale:,.0f} {unit}{note})" if v else (f" ({src})" if note else "")
+
+    fp8 = f"; fp8 {rf['fp8_tflops']:.0f} TFLOP/s{beside('fp8_flops', 1e12, 'TFLOP/s')}" if rf.get("fp8_tflops") else ""
+    return [
+        ("device limits", f"copy {rf['copy_bandwidth_gb_s']:,.0f} GB/s{beside('bandwidth', 1e9, 'GB/s')}; "
+                          f"matmul {rf['matmul_tflops']:.0f} TFLOP/s{beside('matmul_flops', 1e12, 'TFLOP/s')}{fp8}"),
+        ("roofline, bytes only", f"{rf['bytes_floor_ms_per_step']:.2f} ms/step; wall {rf['wall_over_bytes_floor']:.2f}x it, GPU time {rf['gpu_over_bytes_floor']:.2f}x"),
+        ("roofline, bytes+FLOPs", f"{rf['op_floor_ms_per_step']:.2f} ms/step; wall {rf['wall_over_op_floor']:.2f}x it, GPU time {rf['gpu_over_op_floor']:.2f}x"),
+        ("  per op at mean batch", ", ".join(f"{o['op']} {o['floor_ms']:.2f} ({o['bound']})" for o in rf.get("ops_at_mean_batch", []))),
+    ]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -642,25 +675,30 @@ def run(args: argparse.Namespace) -> int:
         if error:
             print(f"turnout bench engine: {error}", file=sys.stderr)
             return 2
-    from backends.paged.config import dummy_config
+    from backends.paged.loader import ModelSource, load_config_and_tokenizer
 
-    cfg = dummy_config(args.shape)
-    work = make_workload(args.workload, args.num_requests, args.input_len, args.output_len, cfg.vocab_size, args.seed)
+    cfg, tokenizer = load_config_and_tokenizer(ModelSource.parse(model_name(args)))
+    # A real tokenizer's vocabulary may be narrower than the logits; its special ids are never drawn.
+    vocab = min(cfg.vocab_size, getattr(tokenizer, "vocab_size", cfg.vocab_size))
+    specials = tokenizer.special_token_ids() if hasattr(tokenizer, "special_token_ids") else ()
+    work = make_workload(args.workload, args.num_requests, args.input_len, args.output_len, vocab, args.seed, exclude=specials)
     longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
     args.max_model_len = max(args.max_model_len, longest)
-    bw = copy_bandwidth(torch) if args.device == "cuda" else 0.0
+    fp8 = args.compare_quantization or quantization(args) == "fp8"
+    limits = measure_limits(torch, getattr(torch, args.dtype, torch.bfloat16), fp8=fp8) if args.device == "cuda" else None
     if args.compare_quantization:
         args.quantization = "none"  # the first run is the bf16 one; the FP8 one follows
-    result, engine = run_engine(args, work, bw)
+    result, engine = run_engine(args, work, limits)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
+        "limits": limits.as_dict() if limits else {},
         "argv": sys.argv,
         "args": vars(args),
         "engine": asdict(result),
     }
     if args.json_schema:  # before the peer, which takes the engine's weights
-        report["engine_json_schema"] = run_json_schema(engine, args, work, bw)
+        report["engine_json_schema"] = run_json_schema(engine, args, work, limits)
     if args.tensor_parallel_size > 1 and not args.no_transformers:
         report["transformers"] = {"skipped": "the transformers peer runs the whole model on one GPU: run it at --tensor-parallel-size 1"}
     elif not args.no_transformers and args.device == "cuda":
@@ -673,7 +711,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_quantization:
         release_engine(engine)  # the peer may have taken its weights already; the rest goes here
         del engine
-        fp8_result, engine = run_engine(argparse.Namespace(**{**vars(args), "quantization": "fp8"}), work, bw)
+        fp8_result, engine = run_engine(argparse.Namespace(**{**vars(args), "quantization": "fp8"}), work, limits)
         report["engine_fp8"] = asdict(fp8_result)
         report["fp8_speedup"] = fp8_result.output_tok_s / result.output_tok_s
     engine.close()  # tensor-parallel ranks, if any

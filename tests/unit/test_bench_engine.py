@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from gateway.bench.engine import main, make_workload
 
@@ -83,3 +84,50 @@ def test_bench_engine_compare_quantization_runs_twice_in_one_process(tmp_path, c
     assert report["engine_fp8"]["output_tokens"] == report["engine"]["output_tokens"] == 4 * 6
     assert report["fp8_speedup"] > 0
     assert "output tok/s, fp8" in capsys.readouterr().out
+
+
+def test_workload_never_draws_excluded_ids_and_keeps_the_default_draws() -> None:
+    """A real tokenizer's special ids (SmolLM2's are 0..16) are never drawn; excluding only the
+    ids the default range leaves out anyway changes no draw."""
+    w = make_workload("fixed", 20, 64, 4, vocab=320, seed=3, exclude=set(range(17)))
+    assert min(t for p in w.prompts for t in p) >= 17
+    assert make_workload("fixed", 5, 16, 4, vocab=320, seed=3, exclude={0, 1, 2}).prompts == make_workload("fixed", 5, 16, 4, vocab=320, seed=3).prompts
+
+
+def test_bench_engine_host_profile_and_model_option_on_cpu(tmp_path, capsys) -> None:
+    """--model takes a model source instead of --shape (here dummy:tiny, the same loader path a
+    GGUF takes); --host-profile splits the decode step's wall into the model's calls and the
+    rest, with cProfile's top functions; the CPU has no roofline."""
+    out = tmp_path / "bench.json"
+    rc = main(["--model", "dummy:tiny", "--device", "cpu", "--num-requests", "4", "--input-len", "12", "--output-len", "24",
+               "--max-num-seqs", "4", "--async-scheduling", "--host-profile", "--profile-after", "2", "--profile-steps", "5",
+               "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    e = report["engine"]
+    assert e["shape"] == "dummy:tiny" and e["output_tokens"] == 4 * 24 and e["async_scheduling"]
+    hp = e["host_profile"]
+    assert hp["steps"] == 5 and hp["batch"] == 4
+    assert hp["wall_ms_per_step"] >= hp["model_ms_per_step"] > 0
+    assert hp["host_ms_per_step"] == pytest.approx(hp["wall_ms_per_step"] - hp["model_ms_per_step"])
+    assert any("step" in r["function"] for r in hp["top_cumulative"])
+    assert e["roofline"]["op_floor_ms_per_step"] == 0 and report["limits"] == {}
+    printed = capsys.readouterr().out
+    assert "host profile of the decode step" in printed and "roofline" not in printed
+
+
+def test_bench_engine_on_the_real_smollm2_gguf_on_cpu(tmp_path) -> None:
+    """Real weights through the engine's loader and the model's own tokenizer (skipped where
+    the store has no SmolLM2: `turnout pull smollm2-135m`)."""
+    from backends.models import ModelNotFound, resolve_model
+
+    try:
+        path = resolve_model("smollm2-135m")
+    except ModelNotFound:
+        pytest.skip("smollm2-135m is not in the model store")
+    out = tmp_path / "bench.json"
+    rc = main(["--model", str(path), "--device", "cpu", "--dtype", "float32", "--num-requests", "2", "--input-len", "8",
+               "--output-len", "4", "--max-num-seqs", "2", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    e = json.loads(out.read_text())["engine"]
+    assert e["shape"] == str(path) and e["output_tokens"] == 2 * 4 and e["prompt_tokens"] == 2 * 8

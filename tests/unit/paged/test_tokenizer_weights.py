@@ -76,3 +76,97 @@ def test_gguf_tokenizer_splits_digits_for_smollm() -> None:
     assert tok.encode("<|im_start|>ab<|im_end|>") == [1, 7, 2]  # control tokens parsed
     assert tok.decode([1, 7, 2]) == "ab"  # and left out of output text
     assert tok.eos_token_ids == (2,) and not tok.add_bos
+
+
+def _byte_level_gguf_tokenizer(extra: list[str], types: list[int] | None = None):
+    """A byte-level BPE tokenizer from a synthetic GGUF vocabulary: three control tokens, the
+    256 byte stand-ins, then `extra` pieces (their GGUF token types in `types`, normal by
+    default)."""
+    from backends.paged.tokenizer import _byte_level_alphabet, tokenizer_from_gguf
+
+    alphabet = sorted(_byte_level_alphabet().items(), key=lambda kv: kv[1])
+    tokens = ["<unk>", "<|im_start|>", "<|im_end|>", *(c for c, _ in alphabet), *extra]
+    token_types = [3, 3, 3] + [1] * 256 + (types or [1] * len(extra))
+
+    class Field:
+        def __init__(self, v):
+            self.v = v
+
+        def contents(self):
+            return self.v
+
+    class Reader:
+        fields = {
+            "tokenizer.ggml.model": Field("gpt2"), "tokenizer.ggml.pre": Field("default"),
+            "tokenizer.ggml.tokens": Field(tokens), "tokenizer.ggml.merges": Field([]),
+            "tokenizer.ggml.token_type": Field(token_types), "tokenizer.ggml.eos_token_id": Field(2),
+        }  # fmt: skip
+
+    return tokenizer_from_gguf(Reader())
+
+
+def test_byte_level_table_decodes_as_the_tokenizer_does() -> None:
+    """The table's bytes, joined and read as UTF-8, equal decode() on any ids: whole words,
+    characters split across tokens, stray bytes, specials (left out) and an added token."""
+    import random
+
+    from backends.paged.tokenizer import make_detokenizer
+
+    # "Ġhello" (" hello"), "Ã©" (é as its two byte stand-ins), "ðŁ" (half of an emoji), an added token.
+    tok = _byte_level_gguf_tokenizer(["Ġhello", "Ã©", "ðŁ", "<tool>"], types=[1, 1, 1, 4])
+    table = tok.token_bytes()
+    assert table is not None and len(table) == tok.vocab_size
+    assert table[259] == b" hello" and table[260] == "é".encode() and table[262] == b"<tool>" and table[1] == b""
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))]
+        text = tok.decode(ids)
+        assert b"".join(table[i] for i in ids).decode("utf-8", errors="replace") == text
+        # The detokenizer's deltas give the same text, short of an unfinished last character.
+        detok = make_detokenizer(tok, [])
+        streamed = "".join(detok.add(i) for i in ids)
+        assert text.startswith(streamed) and set(text[len(streamed) :]) <= {"\ufffd"}
+
+
+def test_a_tokenizer_without_a_byte_level_decoder_keeps_the_general_detokenizer() -> None:
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models
+
+    from backends.paged.tokenizer import HFTokenizer, make_detokenizer
+
+    raw = RawTokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok = HFTokenizer(raw, bos_token_id=None, eos_token_ids=(), add_bos=False, chat_template=None)
+    assert tok.token_bytes() is None
+    assert isinstance(make_detokenizer(tok, [0]), IncrementalDetokenizer)
+
+
+def test_byte_detokenizer_replaces_a_bad_byte_as_soon_as_the_next_one_shows_it() -> None:
+    """The table's detokenizer: a split character comes whole with its last byte, as before;
+    a byte that can never begin a character is U+FFFD once the next byte shows that, instead
+    of being held with the bytes after it (the general detokenizer's window)."""
+    from backends.paged.tokenizer import ByteDetokenizer, make_detokenizer
+
+    tok = ByteTokenizer(320)
+    detok = make_detokenizer(tok, [1])
+    assert isinstance(detok, ByteDetokenizer)
+    ids = [b + ByteTokenizer.OFFSET for b in "é".encode()[:1] + "é".encode() + b"!"]  # C3, C3 A9, !
+    assert [detok.add(i) for i in ids] == ["", "\ufffd", "é", "!"]
+    assert detok.add(300) == "<300>"  # an id past the bytes reads as its "<id>" text
+    assert make_detokenizer(tok, [1]).add(10_000) == ""  # past the table: no text
+
+
+def test_real_smollm2_tokenizer_has_a_byte_table() -> None:
+    """SmolLM2's GGUF vocabulary (skipped without it in the model store) passes the table's
+    check against decode(), id by id."""
+    from backends.models import ModelNotFound, resolve_model
+    from backends.paged.loader import ModelSource, load_config_and_tokenizer
+
+    try:
+        path = resolve_model("smollm2-135m")
+    except ModelNotFound:
+        pytest.skip("smollm2-135m is not in the model store")
+    _, tok = load_config_and_tokenizer(ModelSource.parse(str(path)))
+    table = tok.token_bytes()
+    assert table is not None and len(table) == tok.vocab_size
+    ids = tok.encode("Hello, wörld! 🚀 ok")
+    assert b"".join(table[i] for i in ids).decode() == tok.decode(ids)
