@@ -7,9 +7,7 @@
 # msgspec, redis, opentelemetry, ...; docs/paged-engine.md lists both), .llamawhl (the
 # llama.cpp site, every CPU variant).
 #
-# 1. The llama.cpp runner on this Intel host (AMX in CPUID, granted by its kernel), then under
-#    gateway.bench.deny_amx, as on a VM whose kernel does not grant AMX: the variant chosen,
-#    and a generation from a random-weight GGUF.
+# 1. gateway/bench/device_amx.sh: the llama.cpp runner with and without the AMX grant.
 # 2. `gateway.bench.serve_vs_offline --workers 1,4 --clients 4`: the paged engine offline
 #    against `turnout serve` with one and with four HTTP processes in front of it.
 set -uo pipefail
@@ -32,31 +30,9 @@ python3 -c 'import gateway.app, gateway.engine_host, backends.worker.shared, gat
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-probe='
-import sys, time
-from backends.llamacpp.cpu_variants import amx_tile_granted, load_cpu_backend
-granted = amx_tile_granted()
-variant = load_cpu_backend()
-import llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=8, verbose=False)
-t = time.perf_counter()
-out = llm.create_completion("Hello", max_tokens=32, temperature=0)
-print(f"AMX granted: {granted}; variant: {variant}; {out[\"usage\"][\"completion_tokens\"]} tokens in {time.perf_counter() - t:.2f} s")
-'
-timeout 120 python3 -m gateway.bench.random_gguf --shape smollm2-135m --out /tmp/rand.gguf >/dev/null 2>&1 ||
-    echo "device_serve: no random GGUF writer output"
-{
-    echo "== plain"
-    timeout 60 python3 -c "$probe" /tmp/rand.gguf 2>&1 | tail -2
-    echo "== under deny_amx (a kernel that does not grant AMX)"
-    timeout 60 python3 -m gateway.bench.deny_amx python3 -c "$probe" /tmp/rand.gguf 2>&1 | tail -2
-    echo "== under deny_amx, the AMX variant forced"
-    TURNOUT_GGML_CPU_VARIANT=sapphirerapids timeout 60 python3 -m gateway.bench.deny_amx python3 -c "$probe" /tmp/rand.gguf 2>&1 | tail -2
-    echo "exit $?"
-} >"$OUT/amx.txt" 2>&1
-cat "$OUT/amx.txt"
+bash gateway/bench/device_amx.sh
 
-timeout 520 python3 -m gateway.bench.serve_vs_offline --shapes "$shapes" --workers 1,4 --clients 4 \
+timeout "${SERVE_BUDGET_S:-520}" python3 -m gateway.bench.serve_vs_offline --shapes "$shapes" --workers 1,4 --clients 4 \
     --workdir /tmp/svo --json "$OUT/serve_vs_offline.json" 2>&1 | grep -v '^ \{4,\}\|^best under' | tee "$OUT/serve_vs_offline.log"
 rc=${PIPESTATUS[0]}
 tail -c 3000 /tmp/svo/*-w4.log >"$OUT/server_logs.txt" 2>/dev/null
