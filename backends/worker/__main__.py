@@ -2,6 +2,10 @@
 
 import sys
 
-from backends.worker.server import main
+from backends.worker.preload import load_engine_libraries
+
+load_engine_libraries(sys.argv[1] if len(sys.argv) > 1 else "")
+
+from backends.worker.server import main  # noqa: E402  (after the engine's native libraries)
 
 sys.exit(main(sys.argv[1:]))
