@@ -45,19 +45,22 @@ def test_unpermute_inverts_llama_cpp_permutation(n_head: int) -> None:
     assert torch.equal(unpermute_rope_rows(llama_cpp_permute(b, n_head), n_head), b)
 
 
+class Field:
+    """A GGUF reader's field, as tokenizer_from_gguf reads it."""
+
+    def __init__(self, v):  # type: ignore[no-untyped-def]
+        self.v = v
+
+    def contents(self):  # type: ignore[no-untyped-def]
+        return self.v
+
+
 def test_gguf_tokenizer_splits_digits_for_smollm() -> None:
     """A tiny synthetic GGUF vocabulary through the same builder the real model uses."""
     from backends.paged.tokenizer import tokenizer_from_gguf
 
     tokens = ["<unk>", "<|im_start|>", "<|im_end|>", "a", "b", "1", "2", "ab", "Ġ", "Ġa", "12"]
     merges = ["a b", "Ġ a", "1 2"]
-
-    class Field:
-        def __init__(self, v):
-            self.v = v
-
-        def contents(self):
-            return self.v
 
     class Reader:
         fields = {
@@ -87,13 +90,6 @@ def _byte_level_gguf_tokenizer(extra: list[str], types: list[int] | None = None)
     alphabet = sorted(_byte_level_alphabet().items(), key=lambda kv: kv[1])
     tokens = ["<unk>", "<|im_start|>", "<|im_end|>", *(c for c, _ in alphabet), *extra]
     token_types = [3, 3, 3] + [1] * 256 + (types or [1] * len(extra))
-
-    class Field:
-        def __init__(self, v):
-            self.v = v
-
-        def contents(self):
-            return self.v
 
     class Reader:
         fields = {
