@@ -135,6 +135,10 @@ class EngineHost:
         except BackendError as exc:
             self._send(call.client, _refused(call.call, exc))
             return
+        except Exception as exc:  # a bug here must not leave the request waiting for an answer
+            log.exception("opening %s failed", call.model.spec.name)
+            self._send(call.client, c.Refused(call.call, 500, "server_error", f"the engine host failed: {type(exc).__name__}: {exc}"))
+            return
         finally:
             self._changed()
         self._send(call.client, c.Opened(call.call, lease, backend.pid or 0, backend.address, backend.context_window or 0))
@@ -146,11 +150,13 @@ class EngineHost:
             self._changed()
 
     async def _unload(self, call: c.Unload) -> None:
-        backend = self.backends.get(call.name)
-        if backend is not None:
-            await backend.unload()
-        self._changed()
-        self._send(call.client, c.Done(call.call))
+        try:
+            backend = self.backends.get(call.name)
+            if backend is not None:
+                await backend.unload()
+        finally:  # answered whatever happened: the caller is waiting
+            self._changed()
+            self._send(call.client, c.Done(call.call))
 
     def _backend(self, model: c.LocalModel) -> WorkerBackend:
         """The supervisor for this definition; a changed definition (a policy reload) gets a

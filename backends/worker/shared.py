@@ -25,12 +25,13 @@ import zmq.asyncio
 from backends.protocol import Overloaded
 from backends.worker import control as c
 from backends.worker import messages as m
-from backends.worker.backend import LocalModelBackend, State
+from backends.worker.backend import LOAD_TIMEOUT_S, LocalModelBackend, State
 from backends.worker.pipe import RequestStream, WorkerPipe, error_from, pid_alive
 
 log = logging.getLogger("turnout.worker")
 
 HELLO_INTERVAL_S = 1.0  # a restarted host learns of us again within this
+CALL_TIMEOUT_S = LOAD_TIMEOUT_S + 30.0  # an Open may wait for a model load; nothing waits longer
 HOST_WATCH_S = 0.5
 
 
@@ -96,7 +97,10 @@ class EngineHostClient:
         self._calls[call] = future
         try:
             self._send(build(call))
-            reply = await future
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                reply = await future
+        except TimeoutError:
+            raise Overloaded("the engine host did not answer in time", retry_after=5.0) from None
         finally:
             self._calls.pop(call, None)
         if type(reply) is c.Refused:
