@@ -405,8 +405,6 @@ def quantization(args: argparse.Namespace) -> str | None:
 def fp8_refusal(args: argparse.Namespace) -> str | None:
     """Why an FP8 engine cannot run with these arguments (the engine's own checks: the
     options', then the device's), or None."""
-    import torch
-
     from backends.paged.fp8 import check_fp8_support
     from backends.paged.options import EngineOptions
 
