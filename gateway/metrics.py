@@ -28,6 +28,15 @@ ENGINE_COUNTERS = {
     "vllm:prompt_tokens": "Prompt tokens processed.",
     "vllm:generation_tokens": "Tokens generated.",
     "turnout:paged_steps": "Engine steps run.",
+    "turnout:paged_sync_wait_seconds": "Seconds the engine waited for the device's sampled tokens (near 0 when the host bounds a step).",
+    "turnout:paged_step_seconds": "Seconds the paged engine spent inside its steps.",
+    "turnout:paged_prefill_tokens": "Prompt (and recomputed) tokens the paged engine computed in prefill chunks.",
+    "turnout:paged_decode_tokens": "One-token decodes the paged engine computed (sequences x decode steps).",
+    "turnout:paged_graph_steps": "Paged engine decode steps replayed from a CUDA graph.",
+    "turnout:paged_idle_seconds": "Seconds the paged engine thread waited with nothing unfinished.",
+    "turnout:paged_deliver_seconds": "Seconds the paged engine thread spent handing step outputs to sinks (a worker's encode and send).",
+    "turnout:paged_drain_seconds": "Seconds the paged engine thread spent adding and aborting requests between steps.",
+    "turnout:paged_loop_seconds": "Wall seconds since the paged engine thread started.",
     "turnout:requests_aborted": "Requests the gateway aborted in the engine worker (the client left) before they finished.",
 }
 

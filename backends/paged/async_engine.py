@@ -8,6 +8,10 @@ call_soon_threadsafe; in an engine worker process, a sink that writes them strai
 gateway's pipe from this thread, with no event loop in the way. Closing a `generate()`
 stream early (client disconnect) aborts the request, and the close waits until the engine
 thread has freed its blocks.
+
+The thread keeps a few plain float counters of where its wall time goes (idle, delivering,
+draining commands; the engine's own step time is in `LLMEngine.counters`), each written by
+the thread alone, so that a served run can be profiled from /metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,6 +93,12 @@ class AsyncEngine:
         self._adds_sent = 0
         self._adds_seen = 0
         self.error: BaseException | None = None
+        # Where the engine thread's wall time goes, in seconds (engine thread only, no locks):
+        self.idle_s = 0.0  # waiting for work: nothing unfinished
+        self.deliver_s = 0.0  # in sink.deliver() for step outputs (a worker's encode + send too)
+        self.drain_s = 0.0  # in _drain(): adding and aborting requests
+        self.started_at = 0.0  # perf_counter() when the thread started; 0 before
+        self._idle_since = 0.0  # perf_counter() when the current idle wait began; 0 when busy
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -112,21 +123,42 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    def idle_seconds(self) -> float:
+        """`idle_s` plus the idle wait in progress, so that a reader on another thread (the
+        worker's load reports come while the engine waits) sees it grow with `loop_seconds()`.
+        A read racing the end of a wait may miss that one wait (at most IDLE_WAIT_S)."""
+        since = self._idle_since
+        return self.idle_s + (time.perf_counter() - since if since else 0.0)
+
+    def loop_seconds(self) -> float:
+        """Wall seconds since the engine thread started (0 before)."""
+        return time.perf_counter() - self.started_at if self.started_at else 0.0
+
     # -- the engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        clock = time.perf_counter
+        # Three clock reads per step: `t` is the end of the previous turn (the start of this one).
+        self.started_at = t = clock()
         try:
             while not self._stop:
                 self._drain()
+                drained = clock()
+                self.drain_s += drained - t
                 if not self.engine.has_unfinished():
+                    self._idle_since = drained
                     self._wake.wait(self.IDLE_WAIT_S)
                     self._wake.clear()
+                    t = clock()
+                    self._idle_since = 0.0  # cleared before the add: a racing read undercounts, never doubles
+                    self.idle_s += t - drained
                     continue
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # a bug or OOM: fail the affected requests, keep serving
                     log.exception("paged engine step failed")
                     self._fail_all(exc)
+                    t = clock()
                     continue
                 deliveries: dict[OutputSink, list[tuple[Any, GenerationDelta | BaseException]]] = {}
                 for out in outputs:
@@ -136,8 +168,11 @@ class AsyncEngine:
                     if out.delta.final:  # the request's last choice finished
                         del self._streams[out.request_id]
                     deliveries.setdefault(stream[0], []).append((stream[1], out.delta))
+                delivering = clock()
                 for sink, items in deliveries.items():
                     sink.deliver(items)
+                t = clock()
+                self.deliver_s += t - delivering
         except BaseException as exc:  # pragma: no cover - the loop itself broke
             self.error = exc
             log.exception("paged engine loop died")

@@ -168,5 +168,11 @@ class PagedBackend(LocalBackend):
             return {}
         s = self.engine.stats()
         if self._async is not None:
-            s["vllm:num_requests_waiting"] += self._async.pending_adds
+            a = self._async
+            s["vllm:num_requests_waiting"] += a.pending_adds
+            # The engine thread's wall time, by where it went (the step itself: paged_step_seconds).
+            s["turnout:paged_idle_seconds"] = a.idle_seconds()
+            s["turnout:paged_deliver_seconds"] = a.deliver_s
+            s["turnout:paged_drain_seconds"] = a.drain_s
+            s["turnout:paged_loop_seconds"] = a.loop_seconds()
         return s

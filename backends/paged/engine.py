@@ -418,6 +418,11 @@ class LLMEngine:
             "turnout:paged_kv_free_blocks": float(bm.num_free_blocks),
             "turnout:paged_kv_total_blocks": float(bm.num_blocks),
             "turnout:paged_steps": float(self.counters.steps),
+            "turnout:paged_sync_wait_seconds": self.runner.sync_wait_s,
+            "turnout:paged_step_seconds": self.counters.step_time_s,
+            "turnout:paged_prefill_tokens": float(self.counters.prefill_tokens),
+            "turnout:paged_decode_tokens": float(self.counters.decode_tokens),
+            "turnout:paged_graph_steps": float(self.counters.graph_steps),
         }
 
     def generate_choices(self, requests: list[GenerationRequest]) -> dict[str, list[list[int]]]:

@@ -31,6 +31,7 @@ other ranks first (`TensorParallel.send_step`), whose loop (tp_worker) hands the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +177,9 @@ class ModelRunner:
                     ) from exc
                 raise
         self.last_step: StepInfo | None = None
+        # Seconds `collect` waited for the device's tokens: near 0 while the host bounds the
+        # step (the device finished first), the step's device time beyond the host's otherwise.
+        self.sync_wait_s = 0.0
         pin = self.device.type == "cuda"
         # Two host buffers (and events) for sampled tokens, used in turn: one step's copy
         # lands while the previous one's is read.
@@ -271,7 +275,9 @@ class ModelRunner:
         samples: list[Sample | None]
         if step.tokens is not None:
             if step.event is not None:
+                t0 = time.perf_counter()
                 step.event.synchronize()
+                self.sync_wait_s += time.perf_counter() - t0
             ids = step.host[: len(rows)].tolist()
             token_ids = ids if all_live else [ids[i] for i in live]
             samples = [None] * len(live)

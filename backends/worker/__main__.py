@@ -2,8 +2,9 @@
 
 import sys
 
-from backends.worker.preload import load_engine_libraries
+from backends.worker.preload import keep_crash_reports, load_engine_libraries
 
+keep_crash_reports()
 load_engine_libraries(sys.argv[1] if len(sys.argv) > 1 else "")
 
 from backends.worker.server import main  # noqa: E402  (after the engine's native libraries)

@@ -9,7 +9,12 @@ for its own); with llama_cpp imported first, the same load succeeded
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
+from typing import IO
+
+_crash_report: IO[str] | None = None  # faulthandler writes here until the process ends
 
 
 def load_engine_libraries(spec_json: str) -> None:
@@ -20,3 +25,15 @@ def load_engine_libraries(spec_json: str) -> None:
         return  # the worker itself reports a bad spec
     if kind == "llamacpp":
         import llama_cpp  # noqa: F401  (loads libllama, libggml and their backends)
+
+
+def keep_crash_reports() -> None:
+    """A native crash (SIGSEGV, SIGILL, ...) prints every thread's Python stack to the
+    gateway's log, through a copy of stderr: llama.cpp's quiet model load points fd 2 at
+    /dev/null while it runs, which is where a crash during a load would otherwise go."""
+    global _crash_report
+    try:
+        _crash_report = os.fdopen(os.dup(2), "w")
+    except OSError:  # no stderr at all: nothing to keep
+        return
+    faulthandler.enable(_crash_report, all_threads=True)

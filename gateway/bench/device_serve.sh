@@ -9,7 +9,9 @@
 #
 # 1. gateway/bench/device_amx.sh: the llama.cpp runner with and without the AMX grant.
 # 2. `gateway.bench.serve_vs_offline --workers 1,4 --clients 4`: the paged engine offline
-#    against `turnout serve` with one and with four HTTP processes in front of it.
+#    against `turnout serve` with one and with four HTTP processes in front of it; SVO_ARGS adds
+#    options (e.g. "--py-spy /tmp/site/bin/py-spy": stacks of every serving process, to
+#    $OUT/stacks.tgz; the py-spy wheel rides in .srvwhl). SKIP_AMX=1 skips step 1.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/out}"
@@ -25,15 +27,16 @@ python3 -c 'import gateway.app, gateway.engine_host, backends.worker.shared, gat
     { echo "device_serve: the serving stack does not import"; exit 3; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    lscpu | grep -E 'Model name|^CPU\(s\)'
+    lscpu | grep -E 'Model name|^CPU\(s\)|per core|per socket|NUMA node\(s\)'
     echo "AMX in CPUID: $(grep -o -w 'amx[a-z0-9_]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-bash gateway/bench/device_amx.sh
+[ -n "${SKIP_AMX:-}" ] || bash gateway/bench/device_amx.sh
 
 timeout "${SERVE_BUDGET_S:-520}" python3 -m gateway.bench.serve_vs_offline --shapes "$shapes" --workers 1,4 --clients 4 \
-    --workdir /tmp/svo --json "$OUT/serve_vs_offline.json" 2>&1 | grep -v '^ \{4,\}\|^best under' | tee "$OUT/serve_vs_offline.log"
+    --workdir /tmp/svo --json "$OUT/serve_vs_offline.json" ${SVO_ARGS:-} 2>&1 | grep -v '^ \{4,\}\|^best under' | tee "$OUT/serve_vs_offline.log"
 rc=${PIPESTATUS[0]}
 tail -c 3000 /tmp/svo/*-w4.log >"$OUT/server_logs.txt" 2>/dev/null
+ls /tmp/svo/*.spy >/dev/null 2>&1 && tar -czf "$OUT/stacks.tgz" -C /tmp/svo $(cd /tmp/svo && ls *.spy)
 echo "device_serve: serve_vs_offline rc=$rc"

@@ -133,3 +133,25 @@ async def test_start_builds_through_from_model_with_what_init_read(monkeypatch: 
     finally:
         await b.close()
     assert_blocks_all_free(b.engine)
+
+
+async def test_engine_thread_time_and_step_counters_are_reported(backend: PagedBackend) -> None:
+    """The engine thread's idle / deliver / drain seconds and the engine's step counters grow
+    and reach stats(), under the names gateway.metrics exports."""
+    runner = backend._engine()
+    await asyncio.sleep(0.05)  # the thread waits: nothing unfinished yet
+    assert runner.idle_seconds() > 0  # counted while the wait is still in progress
+    deltas = [d async for d in runner.generate(long_request("timed"))]
+    assert sum(len(d.token_ids) for d in deltas) == 200
+    assert runner.idle_s > 0 and runner.deliver_s > 0 and runner.drain_s > 0
+    engine_stats = backend.engine.stats()
+    assert engine_stats["turnout:paged_step_seconds"] > 0
+    assert engine_stats["turnout:paged_decode_tokens"] >= 199  # every token after the first is a decode
+    assert engine_stats["turnout:paged_prefill_tokens"] >= 6
+    assert engine_stats["turnout:paged_graph_steps"] == 0  # no CUDA graphs on the CPU
+    s = backend.stats()
+    assert s["turnout:paged_deliver_seconds"] == runner.deliver_s and s["turnout:paged_drain_seconds"] == runner.drain_s
+    assert s["turnout:paged_idle_seconds"] >= runner.idle_s
+    # The parts fit inside the thread's wall.
+    parts = s["turnout:paged_step_seconds"] + s["turnout:paged_deliver_seconds"] + s["turnout:paged_drain_seconds"]
+    assert 0 < parts + s["turnout:paged_idle_seconds"] <= s["turnout:paged_loop_seconds"] + 1e-3

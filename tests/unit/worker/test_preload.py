@@ -29,3 +29,20 @@ def test_a_llamacpp_worker_loads_llama_cpp_before_numpy_and_zmq(tmp_path) -> Non
 
 def test_a_paged_worker_does_not_import_llama_cpp(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert "llama_cpp" not in import_order("paged", tmp_path)
+
+
+def test_a_native_crash_reports_its_stack_even_with_stderr_silenced() -> None:
+    """llama.cpp's quiet model load points fd 2 at /dev/null; a crash then must still name
+    where it happened in the gateway's log (the worker's inherited stderr)."""
+    crash = (
+        "import ctypes, os\n"
+        "from backends.worker.preload import keep_crash_reports\n"
+        "keep_crash_reports()\n"
+        "os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # as llama_cpp's suppress_stdout_stderr does\n"
+        "def load_model():\n"
+        "    ctypes.string_at(0)  # SIGSEGV\n"
+        "load_model()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", crash], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -11
+    assert "Segmentation fault" in done.stderr and "load_model" in done.stderr, done.stderr
