@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from backends.worker.messages import Hello, WorkerSpec
+from backends.worker.messages import Hello, Message, WorkerSpec
 
 
 class LocalModel(msgspec.Struct, frozen=True):
@@ -25,14 +25,10 @@ class LocalModel(msgspec.Struct, frozen=True):
     model_path: str | None = None
 
 
-class _Message(msgspec.Struct, tag=True, tag_field="op"):
-    pass
-
-
 # -- HTTP process -> host -----------------------------------------------------------------------
 
 
-class Open(_Message):
+class Open(Message):
     """Load the model if it is not loaded; with `hold`, count a request on it until its `End`
     (keep_alive starts counting only when no request holds the model)."""
 
@@ -43,14 +39,14 @@ class Open(_Message):
     budget_bytes: int | None = None
 
 
-class End(_Message):
+class End(Message):
     """A held request ended; the request's own keep_alive, when it gave one, applies."""
 
     lease: int
     keep_alive: float | None = None
 
 
-class Unload(_Message):
+class Unload(Message):
     call: int
     client: str
     name: str
@@ -59,7 +55,7 @@ class Unload(_Message):
 # -- host -> HTTP process -----------------------------------------------------------------------
 
 
-class Opened(_Message):
+class Opened(Message):
     call: int
     lease: int  # 0 when not held
     pid: int  # the worker's
@@ -67,7 +63,7 @@ class Opened(_Message):
     context_window: int
 
 
-class Refused(_Message):
+class Refused(Message):
     """An Open or Unload that failed, as the OpenAI error the request answers."""
 
     call: int
@@ -78,7 +74,7 @@ class Refused(_Message):
     retry_after: float | None = None
 
 
-class Done(_Message):
+class Done(Message):
     call: int
 
 
@@ -98,14 +94,14 @@ class Resident(msgspec.Struct, frozen=True):
     context_window: int | None
 
 
-class Residents(_Message):
+class Residents(Message):
     """Sent to every client twice a second and whenever a model's state changes."""
 
     host_pid: int
     residents: list[Resident]
 
 
-class Exited(_Message):
+class Exited(Message):
     """A worker process ended: its requests in every HTTP process end with WorkerDied."""
 
     name: str

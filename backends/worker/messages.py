@@ -27,14 +27,15 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     task: str = "generate"  # "embed": an embedding model, serving embeddings only
 
 
-class _Message(msgspec.Struct, tag=True, tag_field="op"):
-    """Tagged by class name, so one list may hold any mix of messages."""
+class Message(msgspec.Struct, tag=True, tag_field="op", array_like=True):
+    """Tagged by class name (the first element of each: messages travel as arrays, which
+    encode and decode faster than maps), so one list may hold any mix of messages."""
 
 
 # -- gateway -> worker --------------------------------------------------------------------------
 
 
-class Hello(_Message):
+class Hello(Message):
     """An HTTP process sharing the worker (`turnout serve --workers N`) names itself and the
     address it receives on; from then on the worker sends it its requests' outputs and load
     reports. (The owner, the process that started the worker, gave its address at spawn.)"""
@@ -44,18 +45,18 @@ class Hello(_Message):
     address: str
 
 
-class Submit(_Message):
+class Submit(Message):
     request_id: str
     kind: str  # "chat" | "completions" | "embeddings"
     body: bytes  # the request's JSON, as validated by the gateway
     client: str = ""  # who gets the outputs: a Hello's client, or "" for the owner
 
 
-class Abort(_Message):
+class Abort(Message):
     request_id: str
 
 
-class Shutdown(_Message):
+class Shutdown(Message):
     pass
 
 
@@ -65,7 +66,7 @@ ToWorker = Hello | Submit | Abort | Shutdown
 # -- worker -> gateway --------------------------------------------------------------------------
 
 
-class Ready(_Message):
+class Ready(Message):
     """The model is loaded and requests may come."""
 
     pid: int
@@ -73,13 +74,13 @@ class Ready(_Message):
     detail: str = ""  # e.g. the llama.cpp CPU variant in use
 
 
-class LoadFailed(_Message):
+class LoadFailed(Message):
     """The model could not be loaded; the worker exits after sending this."""
 
     message: str
 
 
-class Started(_Message):
+class Started(Message):
     """A request was rendered, tokenized and accepted by the engine."""
 
     request_id: str
@@ -88,12 +89,12 @@ class Started(_Message):
     tool_format: str = ""  # the format tool calls are parsed from (backends.tools.formats), when tools were offered
 
 
-class Delta(_Message):
+class Delta(Message):
     request_id: str
     delta: GenerationDelta
 
 
-class Embedded(_Message):
+class Embedded(Message):
     """An embeddings request's answer, whole: each input's finished vector (normalised, cut
     to `dimensions`) as little-endian float32 bytes, in input order."""
 
@@ -102,7 +103,7 @@ class Embedded(_Message):
     prompt_tokens: int
 
 
-class Failed(_Message):
+class Failed(Message):
     """A request ended with an error (an OpenAI error's fields)."""
 
     request_id: str
@@ -114,7 +115,7 @@ class Failed(_Message):
     retry_after: float | None = None
 
 
-class Load(_Message):
+class Load(Message):
     """The worker's load (LoadReport's fields), engine counters, and its memory."""
 
     kv_usage: float

@@ -379,6 +379,11 @@ async def amain(spec: m.WorkerSpec, in_addr: str, owner_addr: str) -> int:
         owner.send(m.from_worker_encoder.encode([m.LoadFailed(f"{type(exc).__name__}: {exc}")]))
         _close(inbox, ctx)
         return 1
+    # As vLLM's engine core does once it is up: what the load built (the model's and the
+    # tokenizer's objects, compiled kernels) lives as long as the worker, so later cyclic
+    # collections, which the engine thread pays for mid-step, need not scan it again.
+    gc.collect()
+    gc.freeze()
     server = WorkerServer(backend, inbox, ctx, owner_addr)
     detail = getattr(backend, "cpu_variant", "")
     server.send(m.Ready(os.getpid(), backend.context_window, detail))
