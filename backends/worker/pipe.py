@@ -264,7 +264,12 @@ class WorkerPipe:
         while self.error is None:
             await asyncio.sleep(WATCH_INTERVAL_S)
             if not pid_alive(pid):
-                self.fail_all(f"backend {self.name!r}: its engine worker (pid {pid}) is gone; the request was not completed")
+                # The process that started the worker reaped it, and says how it ended
+                # (`Exited`: "SIGKILL", "SIGSEGV") a moment later: its word ends the streams
+                # when it comes in time, this generic one otherwise.
+                await asyncio.sleep(WATCH_INTERVAL_S)
+                if self.error is None:
+                    self.fail_all(f"backend {self.name!r}: its engine worker (pid {pid}) is gone; the request was not completed")
 
 
 def pid_alive(pid: int) -> bool:

@@ -149,6 +149,7 @@ async def test_engine_thread_time_and_step_counters_are_reported(backend: PagedB
     assert engine_stats["turnout:paged_decode_tokens"] >= 199  # every token after the first is a decode
     assert engine_stats["turnout:paged_prefill_tokens"] >= 6
     assert engine_stats["turnout:paged_graph_steps"] == 0  # no CUDA graphs on the CPU
+    assert engine_stats["turnout:paged_sync_wait_seconds"] == 0.0  # the CPU samples in the step: nothing to wait for
     s = backend.stats()
     assert s["turnout:paged_deliver_seconds"] == runner.deliver_s and s["turnout:paged_drain_seconds"] == runner.drain_s
     assert s["turnout:paged_idle_seconds"] >= runner.idle_s
