@@ -10,8 +10,9 @@
 # 1. gateway/bench/device_amx.sh: the llama.cpp runner with and without the AMX grant.
 # 2. `gateway.bench.serve_vs_offline --workers 1,4 --clients 4`: the paged engine offline
 #    against `turnout serve` with one and with four HTTP processes in front of it; SVO_ARGS adds
-#    options (e.g. "--py-spy /tmp/site/bin/py-spy": stacks of every serving process, to
-#    $OUT/stacks.tgz; the py-spy wheel rides in .srvwhl). SKIP_AMX=1 skips step 1.
+#    options: "--repeats 3" (offline and served interleaved, medians: the lent hosts' speed
+#    drifts), "--py-spy /tmp/site/bin/py-spy" (the engine worker's stacks, to $OUT/stacks.tgz;
+#    the py-spy wheel rides in .srvwhl). SKIP_AMX=1 skips step 1.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/out}"

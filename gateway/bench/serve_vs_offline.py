@@ -20,6 +20,11 @@ decode tokens per step, and the engine thread's wall split into in-step (busy), 
 outputs (the worker's encode and send), draining commands, idle and the rest (see
 `level_profile`). The offline run's step figures are printed beside them.
 
+`--repeats R` runs offline and served R times per shape, interleaved, and reports the medians
+and the median of each repeat's served/offline ratio: on the lent machines one host-bound
+offline figure moved by 2x between runs of one call (docs/benchmarks.md), more than the gap
+being measured.
+
     python3 -m gateway.bench.serve_vs_offline --shapes smollm2-135m,llama3-8b --workers 1,4 --json out.json
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,11 +63,11 @@ PROFILE_COUNTERS = {
 }
 
 
-def offline(shape: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The `gateway.bench.engine` result ("engine") of the best of `--offline-runs` runs by
-    output tok/s: the first process on a fresh machine pays for cold kernel caches
+def offline(shape: str, args: argparse.Namespace, out: Path, count: int) -> dict[str, Any]:
+    """The `gateway.bench.engine` result ("engine") of the best of `count` runs by output
+    tok/s: the first process on a fresh machine pays for cold kernel caches
     (docs/benchmarks.md, "Paged engine on GPU")."""
-    runs = [_offline_once(shape, args, out.with_suffix(f".{i}.json")) for i in range(args.offline_runs)]
+    runs = [_offline_once(shape, args, out.with_suffix(f".{i}.json")) for i in range(count)]
     return max(runs, key=lambda r: float(r["output_tok_s"]))
 
 
@@ -279,7 +285,9 @@ def main() -> None:
     p.add_argument("--workers", default="1", help="HTTP process counts to serve with, e.g. 1,4")
     p.add_argument("--clients", type=int, default=1, help="load-generator processes sharing the concurrency")
     p.add_argument("--rounds", type=int, default=2, help="requests per level = concurrency x rounds")
-    p.add_argument("--offline-runs", type=int, default=2, help="offline runs per shape; the best counts")
+    p.add_argument("--offline-runs", type=int, default=2, help="offline runs per shape (the first repeat's); the best counts")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="offline and served, interleaved, this many times per shape; reports medians (host speed drifts)")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens (the dummy tokenizer is bytes: 4 per synthetic token)")
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--port", type=int, default=8765)
@@ -290,21 +298,58 @@ def main() -> None:
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="serve-vs-offline-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for shape in args.shapes.split(","):
-        best = offline(shape, args, workdir / f"{shape}-offline.json")
-        engine, off = float(best["output_tok_s"]), offline_steps(best)
-        for workers in map(int, args.workers.split(",")):
-            http, profiles = served(shape, workers, args, workdir)
-            rows.append({"shape": shape, "workers": workers, "clients": args.clients, "offline": engine, **http,
-                         "offline_steps": off, "profile": profiles})  # fmt: skip
-            print(f"{shape}, --workers {workers}: offline {engine:,.0f} tok/s; served streamed {http['stream']:,.0f} "
-                  f"({http['stream'] / engine:.0%}), not streamed {http['whole']:,.0f} ({http['whole'] / engine:.0%})", flush=True)  # fmt: skip
-            for mode, prof in profiles.items():
-                print(profile_line(mode, prof, off), flush=True)
-            if args.json:  # after each row: a run cut short keeps what it measured
-                Path(args.json).write_text(json.dumps({"concurrency": args.concurrency, "rows": rows, "gpu": os.environ.get("GPU", "")}, indent=1))
+        for rep in range(args.repeats):
+            # The first offline figure is the best of --offline-runs (the machine's first process
+            # pays for cold caches); each later repeat runs offline once, beside its served levels.
+            best = offline(shape, args, workdir / f"{shape}-r{rep}-offline.json", 1 if rep else args.offline_runs)
+            engine, off = float(best["output_tok_s"]), offline_steps(best)
+            for workers in map(int, args.workers.split(",")):
+                http, profiles = served(shape, workers, args, workdir)
+                rows.append({"shape": shape, "workers": workers, "clients": args.clients, "repeat": rep, "offline": engine, **http,
+                             "offline_steps": off, "profile": profiles})  # fmt: skip
+                print(f"{shape}, --workers {workers}{f', repeat {rep}' if args.repeats > 1 else ''}: offline {engine:,.0f} tok/s; "
+                      f"served streamed {http['stream']:,.0f} ({http['stream'] / engine:.0%}), not streamed {http['whole']:,.0f} "
+                      f"({http['whole'] / engine:.0%})", flush=True)  # fmt: skip
+                for mode, prof in profiles.items():
+                    print(profile_line(mode, prof, off), flush=True)
+                write_report(args, rows)  # after each row: a run cut short keeps what it measured
+    if args.repeats > 1:
+        for row in summarize(rows):
+            print(f"{row['shape']}, --workers {row['workers']}, median of {row['repeats']}: offline {row['offline']:,.0f}; "
+                  f"streamed {row['stream']:,.0f} ({row['stream_ratio']:.0%} median of pairs, {row['stream_ratio_min']:.0%}-"
+                  f"{row['stream_ratio_max']:.0%}), not streamed {row['whole']:,.0f} ({row['whole_ratio']:.0%}, "
+                  f"{row['whole_ratio_min']:.0%}-{row['whole_ratio_max']:.0%})", flush=True)  # fmt: skip
+        write_report(args, rows)
 
+
+def write_report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Every row so far, and with --repeats their medians, to --json (when given)."""
+    if args.json:
+        report = {"concurrency": args.concurrency, "rows": rows, "gpu": os.environ.get("GPU", "")}
+        if args.repeats > 1:
+            report["medians"] = summarize(rows)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians over repeats, per shape and HTTP process count: of offline and of each served
+    mode, and of each repeat's served/offline ratio (the pair measured minutes apart, so a
+    host whose speed drifts over the call moves both), with that ratio's range."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["shape"], row["workers"]), []).append(row)
+    out = []
+    for (shape, workers), group in groups.items():
+        summary: dict[str, Any] = {"shape": shape, "workers": workers, "repeats": len(group),
+                                   "offline": statistics.median(r["offline"] for r in group)}  # fmt: skip
+        for mode in ("stream", "whole"):
+            ratios = [r[mode] / r["offline"] for r in group]
+            summary |= {mode: statistics.median(r[mode] for r in group), f"{mode}_ratio": statistics.median(ratios),
+                        f"{mode}_ratio_min": min(ratios), f"{mode}_ratio_max": max(ratios)}  # fmt: skip
+        out.append(summary)
+    return out
 
 if __name__ == "__main__":
     main()

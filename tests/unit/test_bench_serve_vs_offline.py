@@ -94,3 +94,21 @@ def test_the_gateway_page_reads_back() -> None:
     registry, load = build_metrics_registry(SimpleNamespace(backends={"gpu": Backend()}, started=False))  # type: ignore[arg-type]
     got = engine_counters(exposition(registry, load).decode())
     assert (got["steps"], got["step_s"], got["loop_s"], got["idle_s"]) == (3.0, 0.25, 2.0, 0.0)
+
+
+def test_repeats_are_summarized_by_medians_and_paired_ratios() -> None:
+    from gateway.bench.serve_vs_offline import summarize
+
+    def row(workers: int, offline: float, stream: float, whole: float) -> dict[str, float | int | str]:
+        return {"shape": "s", "workers": workers, "offline": offline, "stream": stream, "whole": whole}
+
+    # Offline drifts 2x between repeats; each repeat's served figure drifts with it.
+    rows = [row(1, 40_000, 38_000, 39_000), row(4, 40_000, 30_000, 35_000), row(1, 90_000, 86_000, 88_000),
+            row(4, 90_000, 80_000, 85_000), row(1, 60_000, 57_000, 60_000), row(4, 60_000, 54_000, 60_000)]  # fmt: skip
+    one, four = summarize(rows)
+    assert (one["workers"], one["repeats"], one["offline"], one["stream"], one["whole"]) == (1, 3, 60_000, 57_000, 60_000)
+    # The median of the pairs' ratios, not the ratio of the medians.
+    assert one["stream_ratio"] == pytest.approx(0.95) and one["stream_ratio_min"] == pytest.approx(0.95)
+    assert one["whole_ratio"] == pytest.approx(88 / 90) and one["whole_ratio_max"] == pytest.approx(1.0)
+    assert four["stream_ratio"] == pytest.approx(80 / 90) and four["stream_ratio_min"] == pytest.approx(0.75)
+    assert four["whole_ratio_min"] == pytest.approx(35 / 40)
