@@ -124,9 +124,13 @@ bench() {
         --levels "${PEER_LEVELS:-1,10,50,256}" --max-tokens "${PEER_MAX_TOKENS:-256}" --level-cap-s "${PEER_LEVEL_CAP_S:-150}" \
         --budget-s "$((l - 15))" --workdir "$WORK" --json "$OUT/peer_gpu.json" ${PEER_ARGS:-} 2>&1 | tee "$OUT/peer_gpu.log"
     local rc=${PIPESTATUS[0]}
+    # One file for every server's log ($OUT brings back at most 8 files: a call that also ran
+    # device_serve.sh lost its logs once), each cut to its last 2 MB.
+    local logs=()
     for f in "$WORK"/server-*.log; do
-        [ -f "$f" ] && tail -c 2000000 "$f" >"$OUT/$(basename "$f")"
+        [ -f "$f" ] && tail -c 2000000 "$f" >"$WORK/tail-$(basename "$f")" && logs+=("tail-$(basename "$f")")
     done
+    [ ${#logs[@]} -gt 0 ] && tar -czf "$OUT/server_logs.tgz" -C "$WORK" "${logs[@]}"
     return "$rc"
 }
 
