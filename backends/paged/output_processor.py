@@ -8,7 +8,7 @@ could still be the start of a stop string is held back until it cannot be.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from backends.generation import GenerationDelta, TokenLogprob
 from backends.paged.pooling import EmbeddingOutput
@@ -18,10 +18,10 @@ from backends.paged.tokenizer import ByteDetokenizer, IncrementalDetokenizer, To
 from backends.stop import StopMatcher
 
 
-@dataclass
-class StepOutput:
+class StepOutput(msgspec.Struct):
     """One choice's delta from one engine step (the engine sets `delta.final`), or an
-    embedding request's vectors (always final)."""
+    embedding request's vectors (always final). A msgspec Struct, as SampledToken: one per
+    sequence per step."""
 
     request_id: str
     delta: GenerationDelta | EmbeddingOutput

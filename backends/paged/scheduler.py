@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from backends.paged.block_manager import BlockManager
 from backends.paged.sequence import PENDING, Sequence, SeqStatus
 
@@ -76,9 +78,9 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.scheduled)
 
 
-@dataclass(slots=True)
-class SampledToken:
-    """A sequence's newly known output token, as `update_from_output` hands it on."""
+class SampledToken(msgspec.Struct):
+    """A sequence's newly known output token, as `update_from_output` hands it on. A msgspec
+    Struct: one per running sequence per step, built in a fifth of a dataclass's time."""
 
     seq: Sequence
     token_id: int
