@@ -1,19 +1,25 @@
 """What an engine worker loads before anything else (imports nothing heavy itself).
 
-A llama.cpp engine's native libraries come first. On the lent GPU machines, a CUDA build of
-llama-cpp-python (compiled there with that machine's own toolchain) loaded and ran a model in a
-bare process, but died of SIGSEGV at model load whenever numpy or pyzmq had been imported
-before it, as every worker imports them (the runtime libraries those loaded first were taken
-for its own); with llama_cpp imported first, the same load succeeded
-(docs/benchmarks.md, the peer run). So the worker imports it before its own modules."""
+A CUDA build of llama-cpp-python (compiled on the lent GPU machines with their own toolchain)
+died of SIGSEGV at model load in the worker, and in any process that had imported pyzmq before
+llama_cpp, while a bare process loaded and ran the same GGUF. cuda-gdb put the crash in
+`llama_model::print_info()`: its `std::ostream << long` ran a copy of libstdc++'s stream code
+that libggml-cuda.so carries, against the locale state of the system libstdc++ that pyzmq's
+libzmq had loaded first (gateway/bench/llamacpp_cuda_probe.py, docs/benchmarks.md). With the
+system libstdc++ in the process's global symbol scope before llama.cpp's libraries load, every
+library binds to that one runtime, and the same load succeeded (probe and peer run, on an H100).
+So a llama.cpp worker opens libstdc++ with RTLD_GLOBAL, then imports llama_cpp, both before its
+own modules."""
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import json
 import os
 from typing import IO
 
+CXX_RUNTIME = "libstdc++.so.6"  # its soname since GCC 3.4
 _crash_report: IO[str] | None = None  # faulthandler writes here until the process ends
 
 
@@ -24,7 +30,18 @@ def load_engine_libraries(spec_json: str) -> None:
     except (ValueError, AttributeError):
         return  # the worker itself reports a bad spec
     if kind == "llamacpp":
+        share_cxx_runtime()
         import llama_cpp  # noqa: F401  (loads libllama, libggml and their backends)
+
+
+def share_cxx_runtime() -> bool:
+    """Put the system C++ runtime (libstdc++) in the process's global symbol scope, promoting
+    it there if a library already loaded it privately; False where there is none (not glibc)."""
+    try:
+        ctypes.CDLL(CXX_RUNTIME, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return True
 
 
 def keep_crash_reports() -> None:

@@ -1,6 +1,7 @@
-"""The engine worker imports llama.cpp's native libraries before numpy and pyzmq (a CUDA build
-died of SIGSEGV at model load otherwise: backends/worker/preload.py). Checked on the real entry
-point: a llama.cpp worker started on a model that does not exist, with `-X importtime`."""
+"""The engine worker puts the C++ runtime in the global symbol scope and imports llama.cpp's
+native libraries before numpy and pyzmq (a CUDA build died of SIGSEGV at model load otherwise:
+backends/worker/preload.py). Checked on the real entry point: a llama.cpp worker started on a
+model that does not exist, with `-X importtime`."""
 
 from __future__ import annotations
 
@@ -46,3 +47,28 @@ def test_a_native_crash_reports_its_stack_even_with_stderr_silenced() -> None:
     done = subprocess.run([sys.executable, "-c", crash], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == -11
     assert "Segmentation fault" in done.stderr and "load_model" in done.stderr, done.stderr
+
+
+# std::ostream::_M_insert<long>, the libstdc++ function the CUDA build's crash ran a copy of.
+_OSTREAM_INSERT_LONG = "_ZNSo9_M_insertIlEERSoT_"
+
+
+def global_scope_has_cxx_runtime(setup: str) -> bool:
+    probe = f"import ctypes\n{setup}\nprint(hasattr(ctypes.CDLL(None), {_OSTREAM_INSERT_LONG!r}))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "True"
+
+
+def test_the_cxx_runtime_is_promoted_to_the_global_scope_after_pyzmq_loaded_it_privately() -> None:
+    """pyzmq's libzmq loads libstdc++ into its own (local) scope, where llama.cpp's libraries
+    do not bind to it; share_cxx_runtime makes that same runtime the one every later library
+    binds to."""
+    assert not global_scope_has_cxx_runtime("import zmq")
+    assert global_scope_has_cxx_runtime("import zmq\nfrom backends.worker.preload import share_cxx_runtime\nassert share_cxx_runtime()")
+
+
+def test_a_llamacpp_worker_preload_shares_the_cxx_runtime_and_a_paged_one_does_not() -> None:
+    load = "from backends.worker.preload import load_engine_libraries\nload_engine_libraries({spec!r})"
+    assert global_scope_has_cxx_runtime(load.format(spec='{"kind": "llamacpp"}'))
+    assert not global_scope_has_cxx_runtime(load.format(spec='{"kind": "paged"}'))
