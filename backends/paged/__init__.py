@@ -8,7 +8,8 @@ Modules, one job each:
   model         the Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, optional qkv bias)
   fp8           `quantization: fp8`: FP8 weights (per channel) and activations (per token), GEMMs
                 through torch._scaled_mm; the one `linear` the decoder calls for any weight
-  kv_cache      the per-layer block pool, sized from a memory budget
+  kv_cache      the per-layer block pool, sized from a memory budget; in the model's dtype or
+                FP8 (`kv_cache_dtype: fp8`, scaled e4m3)
   block_manager allocation, ref-counts, prefix caching by BLAKE2b chain digests, LRU eviction,
                 forks (a request's choices sharing its prompt blocks)
   scheduler     continuous batching with a token budget, chunked prefill, preemption by recompute;

@@ -10,6 +10,10 @@ Two implementations of the `PagedAttention` call:
   table and calls scaled_dot_product_attention.
 - `TritonPagedAttention` (CUDA): one Triton launch writes K/V, then the varlen prefill kernel
   and the GQA split-K decode kernel of `triton_kernels` read the pool in place.
+
+An FP8 pool (`kv_cache_dtype: fp8`) goes through the same code in both: the write quantizes
+with the layer's K and V scales and every read dequantizes to the compute dtype
+(kv_cache.quantize_kv / dequantize_kv; the kernels inline the same arithmetic).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from backends.paged.kv_cache import dequantize_kv, fp8_scale, is_fp8, quantize_kv
 
 
 @dataclass
@@ -51,7 +57,27 @@ class PagedAttention(Protocol):
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        k_scale: torch.Tensor | None = None,  # float32 scalars: the layer's FP8 scales (FP8 caches need them)
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor: ...  # [T, num_heads, head_dim]
+
+
+def _store(flat: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """x [n, nkv, hd] into the flat pool [slots, nkv, hd] at `slots`, quantized for an FP8 pool.
+    FP8 rows are copied as bytes: torch has no float8 index_copy_ on the CPU."""
+    if is_fp8(flat.dtype):
+        flat.view(torch.uint8).index_copy_(0, slots, quantize_kv(x, fp8_scale(scale)).view(torch.uint8))
+    else:
+        flat.index_copy_(0, slots, x)
+
+
+def _gather(flat: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The pool's rows at `slots`, in `dtype` (an FP8 pool's dequantized; gathered as bytes,
+    which every device's index_select takes)."""
+    if is_fp8(flat.dtype):
+        return dequantize_kv(flat.view(torch.uint8).index_select(0, slots).view(flat.dtype), fp8_scale(scale), dtype)
+    return flat.index_select(0, slots)
+
 
 
 def _context_slots(block_row: torch.Tensor, ctx: int, block_size: int) -> torch.Tensor:
@@ -78,6 +104,8 @@ class TorchPagedAttention:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         T, _, hd = q.shape
         nkv, g = self.num_kv_heads, self.group
@@ -88,8 +116,8 @@ class TorchPagedAttention:
         if bool((slots < 0).any()):  # padding rows own no slot
             keep = slots >= 0
             slots, k, v = slots[keep], k[keep], v[keep]
-        k_flat.index_copy_(0, slots, k)
-        v_flat.index_copy_(0, slots, v)
+        _store(k_flat, slots, k, k_scale)
+        _store(v_flat, slots, v, v_scale)
         out = torch.empty_like(q)
 
         start = 0
@@ -98,8 +126,8 @@ class TorchPagedAttention:
             # GQA without copying K/V per query head: fold the heads that share a KV head into the
             # query-length dimension, [nkv, g * qlen, hd].
             qs = q[start : start + qlen].view(qlen, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * qlen, hd)
-            ks = k_flat.index_select(0, ctx_slots).transpose(0, 1)  # [nkv, ctx, hd]
-            vs = v_flat.index_select(0, ctx_slots).transpose(0, 1)
+            ks = _gather(k_flat, ctx_slots, k_scale, q.dtype).transpose(0, 1)  # [nkv, ctx, hd]
+            vs = _gather(v_flat, ctx_slots, v_scale, q.dtype).transpose(0, 1)
             # Query j sits at position ctx - qlen + j and sees keys up to it.
             qpos = torch.arange(ctx - qlen, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # [qlen, ctx]
@@ -122,8 +150,8 @@ class TorchPagedAttention:
             mask = (torch.arange(width, device=q.device)[None, :] < ctx[:, None])[:, None, None, :]
             qd = q[d0 : d0 + B].view(B, nkv, g, hd)  # the g heads of a KV head act as g queries
             flat = slots.reshape(-1)
-            ks = k_flat.index_select(0, flat).view(B, width, nkv, hd).transpose(1, 2)  # [B, nkv, S, hd]
-            vs = v_flat.index_select(0, flat).view(B, width, nkv, hd).transpose(1, 2)
+            ks = _gather(k_flat, flat, k_scale, q.dtype).view(B, width, nkv, hd).transpose(1, 2)  # [B, nkv, S, hd]
+            vs = _gather(v_flat, flat, v_scale, q.dtype).view(B, width, nkv, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask, scale=self.scale)
             out[d0 : d0 + B] = o.reshape(B, nkv * g, hd)
         return out
@@ -162,19 +190,21 @@ class TritonPagedAttention:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self._write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self._write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty_like(q)
         P, D, d0 = meta.num_prefills, meta.num_decodes, meta.num_prefill_tokens
         if P:
             self._kernels.paged_prefill_attention(
                 q[:d0], k_cache, v_cache, meta.query_starts, meta.context_lens[:P], meta.block_tables[:P],
-                meta.max_query_len, self.scale, out=out[:d0],
+                meta.max_query_len, self.scale, out=out[:d0], k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         if D:
             self._kernels.paged_decode_attention(
                 q[d0 : d0 + D], k_cache, v_cache, meta.block_tables[P : P + D], meta.context_lens[P : P + D],
-                self.scale, num_splits=meta.decode_splits, out=out[d0 : d0 + D],
+                self.scale, num_splits=meta.decode_splits, out=out[d0 : d0 + D], k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         return out
 

@@ -30,7 +30,8 @@ _GRAPH_MARGIN = 512 << 20
 
 @torch.inference_mode()
 def peak_step_bytes(model: LlamaModel, config: ModelConfig, block_size: int, max_tokens: int, max_seqs: int, max_len: int, dtype: torch.dtype) -> int:
-    """Activation bytes at the peak of the largest step (the throwaway cache not counted)."""
+    """Activation bytes at the peak of the largest step (the throwaway cache, of the KV pool's
+    `dtype`, not counted)."""
     dev = model.device
     seq_len = max(1, min(max_tokens, max_len))
     n_seqs = math.ceil(max_tokens / seq_len)
@@ -62,7 +63,8 @@ def peak_step_bytes(model: LlamaModel, config: ModelConfig, block_size: int, max
 
 
 def profile_num_blocks(model: LlamaModel, config: ModelConfig, options: Any, dtype: torch.dtype) -> int:
-    """KV blocks that fit in gpu_memory_utilization of the device after a profiling pass."""
+    """KV blocks of the pool's `dtype` (the cache's, not the weights': FP8 blocks are half a
+    bf16 block's bytes) that fit in gpu_memory_utilization of the device after a profiling pass."""
     dev = model.device
     bs = options.block_size
     max_len = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -74,8 +76,8 @@ def profile_num_blocks(model: LlamaModel, config: ModelConfig, options: Any, dty
     per_block = bytes_per_block(config, bs, dtype)
     blocks = max(1, budget // per_block)
     log.info(
-        "KV pool: %d blocks (%.2f GiB); device %.1f GiB, in use %.2f GiB, step peak %.2f GiB, graph reserve %.2f GiB",
-        blocks, blocks * per_block / 2**30, total / 2**30, in_use / 2**30, peak / 2**30, graph_reserve / 2**30,
+        "KV pool: %d blocks of %s (%.2f GiB); device %.1f GiB, in use %.2f GiB, step peak %.2f GiB, graph reserve %.2f GiB",
+        blocks, str(dtype).removeprefix("torch."), blocks * per_block / 2**30, total / 2**30, in_use / 2**30, peak / 2**30, graph_reserve / 2**30,
     )  # fmt: skip
     if budget < per_block:
         raise RuntimeError(

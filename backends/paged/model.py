@@ -152,7 +152,7 @@ class LlamaModel:
             qkv = lin(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q, k = ops.rotary(q.view(T, nh, hd), k.view(T, nkv, hd), self._cos, self._sin, positions)
-            o = self.attn(q, k, v.view(T, nkv, hd), cache.k[i], cache.v[i], meta)
+            o = self.attn(q, k, v.view(T, nkv, hd), cache.k[i], cache.v[i], meta, cache.k_scale[i], cache.v_scale[i])
             h = lin(o.reshape(T, q_size), layer.o)
             if tp:
                 tp.all_reduce(h)  # each rank's heads gave a partial sum of the projection

@@ -127,6 +127,8 @@ class ModelRunner:
         self.options = options
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
+        # The pool's dtype, which sizes it: `kv_cache_dtype: fp8` gets twice a bf16 pool's blocks.
+        self.kv_cache_dtype = options.kv_cache_torch_dtype(self.dtype)
         bs = options.block_size
         self.kernels = options.kernel_kind(self.device)
         if self.kernels == "triton":
@@ -145,14 +147,14 @@ class ModelRunner:
             # vLLM's recipe: run the largest step once, then give the KV pool what is left of
             # gpu_memory_utilization after weights, that step's activations and the graphs.
             # Every rank profiles its own GPU (the same step, so the collectives pair up).
-            num_blocks = profile_num_blocks(self.model, local, options, self.dtype)
+            num_blocks = profile_num_blocks(self.model, local, options, self.kv_cache_dtype)
         else:
-            num_blocks = num_blocks_for_budget(local, bs, self.dtype, int(options.kv_cache_gib * (1 << 30)))
+            num_blocks = num_blocks_for_budget(local, bs, self.kv_cache_dtype, int(options.kv_cache_gib * (1 << 30)))
         if self.tp:
             num_blocks = self.tp.min_int(num_blocks)  # one scheduler allocates for every rank's pool
         self.num_blocks = num_blocks
         self.max_model_len = min(max_positions, num_blocks * bs)
-        self.cache = KVCache(local, num_blocks, bs, self.dtype, self.device)
+        self.cache = KVCache(local, num_blocks, bs, self.kv_cache_dtype, self.device)
         self.graphs: Any = None  # a DecodeGraphRunner, or None: every step runs eagerly
         # `decode_graphs` off: an embedding model never decodes, so no graphs are captured.
         if self.device.type == "cuda" and self.kernels == "triton" and not options.enforce_eager and decode_graphs:

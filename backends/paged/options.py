@@ -44,8 +44,14 @@ class EngineOptions(BackendOptions, EmbeddingOptions):
     async_scheduling: bool | None = None
     # fp8: every decoder linear layer's weights in float8_e4m3fn with per-channel scales, its
     # inputs quantized per token, GEMMs on FP8 tensor cores (backends/paged/fp8.py). CUDA only,
-    # compute capability 8.9+; the embeddings, lm_head and KV cache stay in `dtype` (bf16).
+    # compute capability 8.9+; the embeddings and lm_head stay in `dtype` (bf16), the KV cache
+    # in `kv_cache_dtype`.
     quantization: Literal["fp8"] | None = None
+    # The KV pool's element type (vLLM's option and values): auto, the model's `dtype`; fp8 (or
+    # fp8_e4m3), float8_e4m3fn with a K and a V scale per layer (kv_cache.py): half a bf16
+    # pool's bytes per block, so twice the blocks for the same memory. Any device: the CPU
+    # path converts with torch's float8 casts, the GPU's in the Triton kernels.
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
     # Ranks the model is split across (tensor parallelism, backends/paged/parallel.py): one
     # process per rank, NCCL between GPUs (one GPU each), gloo on the CPU. The model's shape
     # must split evenly (check_tensor_parallel, once the shape is known).
@@ -88,6 +94,13 @@ class EngineOptions(BackendOptions, EmbeddingOptions):
                 "(KV heads are split across ranks, or replicated when there are more ranks than KV heads)"
             )
 
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV pool's dtype for a model computing in `model_dtype`: that dtype ("auto"), or
+        float8_e4m3fn ("fp8", "fp8_e4m3")."""
+        import torch
+
+        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+
     def kernel_kind(self, device: torch.device) -> str:
         """The kernels to use on this device: "triton" or "torch"."""
         if self.kernels == "auto":
@@ -103,7 +116,8 @@ class EngineOptions(BackendOptions, EmbeddingOptions):
         return torch.device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        """The weights' and KV cache's dtype on this device ("auto": bfloat16 on CUDA, else float32)."""
+        """The weights' dtype on this device ("auto": bfloat16 on CUDA, else float32); the KV
+        cache's too unless kv_cache_dtype says otherwise."""
         import torch
 
         if self.dtype == "auto":

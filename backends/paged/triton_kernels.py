@@ -12,6 +12,10 @@ row of `block_tables` names, in order.
   the whole cached context, cached prefix included, causal. Varlen: sequences of any lengths
   in one launch.
 
+An FP8 pool (`kv_cache_dtype: fp8`, float8_e4m3fn) is read by the same kernels: with KV_FP8
+each K and V tile is dequantized as it is loaded, fp8 -> float32, times the layer's scale, then
+to the query's dtype for the dot products (kv_cache.dequantize_kv, the torch path's reading).
+
 This module imports triton at import time; callers import it only when CUDA is available.
 """
 
@@ -23,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.paged.kv_cache import kernel_scale_args
+
 _LOG2E = 1.4426950408889634
 
 
@@ -31,6 +37,8 @@ def _decode_kernel(
     Q,  # [B, H, D]
     K,  # [NB, BS, KVH, D]
     V,
+    KScale,  # float32 scalars: the layer's FP8 scales (read only when KV_FP8)
+    VScale,
     BlockTables,  # [B, MAXB] int32
     ContextLens,  # [B] int32
     MidO,  # [B, H, S, D] float32
@@ -57,6 +65,7 @@ def _decode_kernel(
     TILE: tl.constexpr,  # tokens per iteration, a multiple of BLOCK_SIZE
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 caches (exact fp32 runs), else "tf32" (unused)
+    KV_FP8: tl.constexpr,  # the pool is float8_e4m3fn: dequantize each tile as it is loaded
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -73,6 +82,9 @@ def _decode_kernel(
     heads = kvh * GROUP + offs_g
     gmask = offs_g < GROUP
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    if KV_FP8:
+        k_scale = tl.load(KScale)
+        v_scale = tl.load(VScale)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -87,6 +99,8 @@ def _decode_kernel(
             mask=tmask[:, None],
             other=0.0,
         )
+        if KV_FP8:
+            k = (k.to(tl.float32) * k_scale).to(Q.dtype.element_ty)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE], log2 domain
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -97,6 +111,8 @@ def _decode_kernel(
             mask=tmask[:, None],
             other=0.0,
         )
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(Q.dtype.element_ty)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -150,6 +166,7 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Split-K factor: enough programs to fill the GPU, never tiles of under ~256 tokens."""
     programs = batch * num_kv_heads
@@ -168,12 +185,16 @@ def paged_decode_attention(
     scale: float,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
     q: [B, H, D]; caches: [NB, BS, KVH, D]; block_tables: [B, MAXB] int32;
-    context_lens: [B] int32 (tokens in the cache, the new one included). Returns [B, H, D].
+    context_lens: [B] int32 (tokens in the cache, the new one included); k_scale, v_scale:
+    float32 scalar tensors, an FP8 cache's scales. Returns [B, H, D].
     """
+    fp8, ks, vs = kernel_scale_args(k_cache, v_cache, k_scale, v_scale)
     B, H, D = q.shape
     _, BS, KVH, _ = k_cache.shape
     group = H // KVH
@@ -182,7 +203,7 @@ def paged_decode_attention(
     mid_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     tile = max(BS, 64 if D <= 64 else 32)
     _decode_kernel[(B, KVH, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse,
+        q, k_cache, v_cache, ks, vs, block_tables, context_lens, mid_o, mid_lse,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -191,7 +212,7 @@ def paged_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=BS,
-        TILE=tile, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q),
+        TILE=tile, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q), KV_FP8=fp8,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     _merge_kernel[(B, H)](
@@ -210,6 +231,8 @@ def _prefill_kernel(
     Q,  # [T, H, D]: the new tokens of all sequences, back to back
     K,
     V,
+    KScale,  # float32 scalars: the layer's FP8 scales (read only when KV_FP8)
+    VScale,
     Out,
     QueryStarts,  # [S + 1] int32: row of each sequence's first new token
     ContextLens,  # [S] int32: cached tokens after this step (prefix + new)
@@ -232,6 +255,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -250,6 +274,9 @@ def _prefill_kernel(
     mmask = offs_m < q_len
     q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mmask[:, None], other=0.0)
     qpos = prefix + offs_m  # absolute position of each query row
+    if KV_FP8:
+        k_scale = tl.load(KScale)
+        v_scale = tl.load(VScale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -266,6 +293,8 @@ def _prefill_kernel(
             mask=nmask[:, None],
             other=0.0,
         )
+        if KV_FP8:
+            k = (k.to(tl.float32) * k_scale).to(Q.dtype.element_ty)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = (tok[None, :] <= qpos[:, None]) & nmask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -278,6 +307,8 @@ def _prefill_kernel(
             mask=nmask[:, None],
             other=0.0,
         )
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(Q.dtype.element_ty)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -300,13 +331,17 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context.
 
     q: [T, H, D] (sequences back to back); query_starts: [S + 1] int32; context_lens: [S]
-    int32 (cached tokens including this step's); block_tables: [S, MAXB] int32.
+    int32 (cached tokens including this step's); block_tables: [S, MAXB] int32; k_scale,
+    v_scale: float32 scalar tensors, an FP8 cache's scales.
     The new tokens' K/V must already be in the cache. Returns [T, H, D].
     """
+    fp8, ks, vs = kernel_scale_args(k_cache, v_cache, k_scale, v_scale)
     T, H, D = q.shape
     _, BS, KVH, _ = k_cache.shape
     S = context_lens.shape[0]
@@ -315,7 +350,7 @@ def paged_prefill_attention(
     block_n = 64
     grid = (triton.cdiv(max_query_len, block_m), S, H)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_starts, context_lens, block_tables,
+        q, k_cache, v_cache, ks, vs, out, query_starts, context_lens, block_tables,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -323,7 +358,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q),
+        DOT_PRECISION=_dot_precision(q), KV_FP8=fp8,
         num_warps=4 if D <= 64 else 8, num_stages=2,
     )  # fmt: skip
     return out

@@ -8,7 +8,8 @@ graph for a small model (smollm2-135m: ~45 launches a layer unfused, 11 fused):
 - `silu_and_mul`: SiLU(gate) * up over a fused [T, 2I] gate_up projection.
 - `rotary_inplace`: HF rotate-half RoPE on q and k (views into the qkv projection), in place.
 - `write_kv_cache`: K and V of the new tokens into their cache slots in one launch; slot -1
-  means "no slot" (a CUDA graph's padding rows).
+  means "no slot" (a CUDA graph's padding rows). An FP8 cache (`kv_cache_dtype: fp8`) gets
+  them quantized with the layer's scales, as kv_cache.quantize_kv does.
 - `quantize_rows`: dynamic per-token FP8 quantization of a GEMM's input (`quantization: fp8`),
   one launch instead of torch's six (abs, amax, clamp, divide, clamp, cast) before each GEMM.
 
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from backends.paged.fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX
+from backends.paged.kv_cache import kernel_scale_args
 
 
 @triton.jit
@@ -169,6 +171,8 @@ def _write_kv_kernel(
     KCache,
     VCache,
     Slots,
+    KScale,  # float32 scalars: the layer's FP8 scales (read only when KV_FP8)
+    VScale,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -177,6 +181,8 @@ def _write_kv_kernel(
     NKV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEADS_PAD: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
@@ -187,22 +193,36 @@ def _write_kv_kernel(
     mask = h < NKV
     k = tl.load(K + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(V + t * stride_vt + h * stride_vh + d, mask=mask)
+    if KV_FP8:  # x / scale, clamped to e4m3's finite range, rounded to nearest (kv_cache.quantize_kv)
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / tl.load(KScale), -QMAX), QMAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / tl.load(VScale), -QMAX), QMAX)
     dst = slot * stride_cache_slot + h * HEAD_DIM + d
-    tl.store(KCache + dst, k, mask=mask)
-    tl.store(VCache + dst, v, mask=mask)
+    tl.store(KCache + dst, k.to(KCache.dtype.element_ty), mask=mask)
+    tl.store(VCache + dst, v.to(VCache.dtype.element_ty), mask=mask)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
     """k, v [T, NKV, D] into caches [NB, BS, NKV, D] at flat slots [T] (block * BS + offset);
-    rows whose slot is negative are skipped."""
+    rows whose slot is negative are skipped. FP8 caches take k / k_scale and v / v_scale
+    (float32 scalar tensors, required for them)."""
     T, nkv, hd = k.shape
     if T == 0:
         return
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k.stride(2) == 1 and v.stride(2) == 1
+    fp8, ks, vs = kernel_scale_args(k_cache, v_cache, k_scale, v_scale)
     _write_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, ks, vs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1),
-        NKV=nkv, HEAD_DIM=hd, HEADS_PAD=triton.next_power_of_2(nkv), num_warps=1 if nkv * hd <= 512 else 4,
+        NKV=nkv, HEAD_DIM=hd, HEADS_PAD=triton.next_power_of_2(nkv), KV_FP8=fp8, QMAX=FP8_MAX,
+        num_warps=1 if nkv * hd <= 512 else 4,
     )  # fmt: skip
 
 

@@ -154,6 +154,7 @@ class EngineResult:
     profile: dict[str, Any] = field(default_factory=dict)
     async_scheduling: bool = False
     quantization: str | None = None  # "fp8", or None: the weights in the compute dtype
+    kv_cache_dtype: str = "auto"  # the engine option: auto (the compute dtype) or fp8
     tensor_parallel_size: int = 1  # GPUs (ranks) the model is split across; the roofline is one rank's
     finished_stop: int = 0  # requests that ended with "stop" (EOS: with a grammar, its object complete)
     host_profile: dict[str, Any] = field(default_factory=dict)  # --host-profile
@@ -194,6 +195,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, float]:
         async_scheduling=scheduling(args),
         seed=args.seed,
         quantization=quantization(args),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
     _sync(torch, cuda)
@@ -325,6 +327,7 @@ def time_requests(
         host_profile=host_prof,
         async_scheduling=engine.async_scheduling,
         quantization=engine.options.quantization,
+        kv_cache_dtype=engine.options.kv_cache_dtype,
         tensor_parallel_size=engine.options.tensor_parallel_size,
         finished_stop=stopped,
     )
@@ -340,7 +343,8 @@ def decode_roofline(engine: Any, dec: list[tuple[float, float, int, int]], limit
     from backends.paged.kv_cache import bytes_per_block
 
     weights, local = engine.model.w, engine.runner.local_config
-    kv_token_bytes = bytes_per_block(local, 1, engine.dtype)
+    # The pool's own dtype (kv_cache_dtype fp8: one byte an element); fakes without one: the model's.
+    kv_token_bytes = bytes_per_block(local, 1, getattr(engine.runner, "kv_cache_dtype", engine.dtype))
     act_bytes = torch.empty((), dtype=engine.dtype).element_size()
     weight_bytes = weights.nbytes()
     n = max(1, len(dec))
@@ -561,6 +565,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="fp8: FP8 weights (per channel) and activations (per token), GEMMs on FP8 tensor cores (CUDA, compute capability 8.9+)")
     p.add_argument("--compare-quantization", action="store_true",
                    help="run the workload on the bf16 engine, then on an FP8 one (same weights), in one process")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
+                   help="the KV pool's dtype: auto (the compute dtype) or fp8 (e4m3, half the bytes per block: twice the blocks)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs to split the model across (one rank each; NCCL); the roofline is then one GPU's")
     p.add_argument("--block-size", type=int, default=16)
@@ -591,6 +597,7 @@ def print_table(report: dict[str, Any]) -> None:
     rows = [
         ("shape / workload", f"{e['shape']} / {e['workload']} ({e['num_requests']} req, {e['prompt_tokens']} prompt + {e['output_tokens']} output tok)"
          + (f", {e['quantization']}" if e.get("quantization") else "")
+         + (f", {e['kv_cache_dtype']} KV cache" if e.get("kv_cache_dtype", "auto") != "auto" else "")
          + (f", tensor parallel x{e['tensor_parallel_size']}" if e.get("tensor_parallel_size", 1) > 1 else "")),
         ("output tok/s", f"{e['output_tok_s']:,.0f}"),
         ("total tok/s", f"{e['total_tok_s']:,.0f}"),
