@@ -215,11 +215,13 @@ def served(shape: str, workers: int, args: argparse.Namespace, workdir: Path) ->
             time.sleep(1)
         # One round at full concurrency first, outside every profile: the load generators' own
         # warm-up runs at concurrency 4 and would fill a profile with small-batch steps.
+        # Each level gets prompts of its own (seeds no other level uses): a prompt seen before
+        # would come from the prefix cache, a prefill the offline run does in full.
         load(f"{base}/v1", False, args, workdir / f"{name}-warm", rounds=1)
-        for mode in ("stream", "whole"):
+        for level, mode in enumerate(("stream", "whole"), start=1):
             before, t0 = scrape(base), time.monotonic()
             samplers = sample_stacks(args.py_spy, server.pid, workdir / f"{name}-{mode}") if args.py_spy else []
-            results[mode] = load(f"{base}/v1", mode == "stream", args, workdir / f"{name}-{mode}")
+            results[mode] = load(f"{base}/v1", mode == "stream", args, workdir / f"{name}-{mode}", seed_base=level * args.clients)
             time.sleep(SETTLE_S)
             after = scrape(base)
             profiles[mode] = level_profile(before, after, time.monotonic() - t0 - SETTLE_S)
@@ -256,17 +258,18 @@ def _descends(pid: int, ancestor: int) -> bool:
     return False
 
 
-def load(url: str, stream: bool, args: argparse.Namespace, prefix: Path, rounds: int | None = None) -> float:
+def load(url: str, stream: bool, args: argparse.Namespace, prefix: Path, rounds: int | None = None, seed_base: int = 0) -> float:
     """`--clients` load generators at once, `--concurrency` split between them, `rounds`
     (default `--rounds`) requests per client slot, no warm-up of their own; output tok/s =
-    their tokens summed over the longest measured wall time."""
+    their tokens summed over the longest measured wall time. Generator i draws its prompts
+    with seed `seed_base + i`."""
     width = args.concurrency // args.clients
     procs, reports = [], []
     for i in range(args.clients):
         report = prefix.with_name(f"{prefix.name}-c{i}.json")
         cmd = [sys.executable, "-m", "gateway.bench.serve", "--url", url, "--model", "m", "--endpoint", "completions",
                "--concurrency", str(width), "--requests", str(width * (rounds or args.rounds)), "--warmup", "0",
-               "--max-tokens", str(args.output_len), "--prompt-tokens", str(args.input_len // 4), "--seed", str(i),
+               "--max-tokens", str(args.output_len), "--prompt-tokens", str(args.input_len // 4), "--seed", str(seed_base + i),
                "--ignore-eos", "--timeout", "600", "--no-progress", "--json", str(report)] + (["--stream"] if stream else [])  # fmt: skip
         procs.append(subprocess.Popen(cmd, cwd=REPO))
         reports.append(report)

@@ -112,3 +112,36 @@ def test_repeats_are_summarized_by_medians_and_paired_ratios() -> None:
     assert one["whole_ratio"] == pytest.approx(88 / 90) and one["whole_ratio_max"] == pytest.approx(1.0)
     assert four["stream_ratio"] == pytest.approx(80 / 90) and four["stream_ratio_min"] == pytest.approx(0.75)
     assert four["whole_ratio_min"] == pytest.approx(35 / 40)
+
+
+def test_each_level_draws_prompts_no_other_level_drew(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A prompt repeated from an earlier level would be served from the prefix cache, a
+    prefill the offline run pays for: each level's generators get seeds of their own."""
+    import argparse
+    import json
+
+    from gateway.bench import serve_vs_offline
+    from gateway.bench.serve import synthetic_prompts
+
+    seeds: list[list[int]] = []
+
+    class Generator:
+        def __init__(self, cmd: list[str], cwd: object) -> None:
+            seeds[-1].append(int(cmd[cmd.index("--seed") + 1]))
+            report = cmd[cmd.index("--json") + 1]
+            level = {"duration_s": 1.0, "output_tokens_per_s": 10.0}
+            with open(report, "w") as f:
+                json.dump({"levels": [level]}, f)
+
+        def wait(self, timeout: float) -> int:
+            self.returncode = 0
+            return 0
+
+    monkeypatch.setattr(serve_vs_offline.subprocess, "Popen", Generator)
+    args = argparse.Namespace(concurrency=8, clients=2, rounds=1, output_len=4, input_len=64)
+    for level in range(3):  # the warm-up round, then the two measured levels, as served() runs them
+        seeds.append([])
+        assert serve_vs_offline.load("http://127.0.0.1:1/v1", False, args, tmp_path / f"l{level}", seed_base=level * args.clients) == 20.0
+    assert seeds == [[0, 1], [2, 3], [4, 5]]
+    prompts = [{p.prompt for p in synthetic_prompts(8, 16, seed)} for level in seeds for seed in level]
+    assert sum(map(len, prompts)) == len(set().union(*prompts))  # no prompt drawn twice
