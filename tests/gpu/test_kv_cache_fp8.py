@@ -25,7 +25,6 @@ for a scrambled context); every figure is recorded (TURNOUT_GPU_REPORT).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -37,7 +36,6 @@ if torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("needs a GPU with FP8 support (compute capability 8.9+) for Triton's float8e4nv", allow_module_level=True)
 
 from backends.generation import GenerationRequest, SamplingParams  # noqa: E402
-from backends.paged.config import dummy_config  # noqa: E402
 from backends.paged.engine import LLMEngine  # noqa: E402
 from backends.paged.fp8 import FP8_DTYPE  # noqa: E402
 from backends.paged.kv_cache import dequantize_kv, quantize_kv  # noqa: E402
@@ -45,6 +43,7 @@ from backends.paged.tokenizer import ByteTokenizer  # noqa: E402
 from backends.paged.triton_kernels import paged_decode_attention, paged_prefill_attention  # noqa: E402
 from backends.paged.triton_ops import write_kv_cache  # noqa: E402
 from tests.gpu.scoring import forced_logits, logits_diff, release  # noqa: E402
+from tests.gpu.test_fp8 import MID  # noqa: E402  (Llama 3's proportions at a quarter of 8B's width)
 from tests.gpu.test_triton_kernels import SHAPES, gather, make_cache, reference, rel_err  # noqa: E402
 
 DEV = "cuda"
@@ -55,11 +54,6 @@ SMOLLM2_MAX_REL_L2, SMOLLM2_MIN_TOP1 = 0.09, 0.88
 # The Triton + CUDA-graph path against the plain-torch path, each against bf16 K/V.
 PATH_REL_L2_FACTOR, PATH_TOP1_SLACK = 1.5, 0.05
 
-# Llama 3's proportions at a quarter of 8B's width (as tests/gpu/test_fp8.py's MID).
-MID = dataclasses.replace(
-    dummy_config("llama3-8b"), hidden_size=2048, intermediate_size=7168, num_layers=8, num_heads=16, num_kv_heads=4,
-    head_dim=128, vocab_size=32768, max_position_embeddings=4096,
-)  # fmt: skip
 
 
 def scalar(value: float) -> torch.Tensor:
