@@ -25,9 +25,9 @@ pytestmark = pytest.mark.timeout(120)
 NUM_BLOCKS = 64
 
 
-def tiny(name: str = "tiny", model: str = "dummy:tiny", **fields: object) -> WorkerBackend:
+def tiny(name: str = "tiny", model: str = "dummy:tiny", num_blocks: int = NUM_BLOCKS, **fields: object) -> WorkerBackend:
     cfg = BackendConfig(
-        name=name, kind="paged", model=model, options={"num_blocks": NUM_BLOCKS, "block_size": 4, "max_num_seqs": 4, "num_threads": 1}, **fields
+        name=name, kind="paged", model=model, options={"num_blocks": num_blocks, "block_size": 4, "max_num_seqs": 4, "num_threads": 1}, **fields
     )  # fmt: skip
     backend = build_backend(cfg)
     assert isinstance(backend, WorkerBackend)
@@ -106,18 +106,25 @@ async def test_killed_mid_stream_fails_cleanly_restarts_and_frees_everything(bac
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGILL])
-async def test_killed_mid_answer_names_the_signal(backend: WorkerBackend, sig: signal.Signals) -> None:
-    await backend.completion(prompt())
-    pid = backend.pid
-    assert pid is not None
-    answer = asyncio.ensure_future(backend.completion(prompt(max_tokens=200, ignore_eos=True)))
-    await wait_for(lambda: backend.load().running == 1)
-    os.kill(pid, sig)
-    with pytest.raises(WorkerDied, match=sig.name):
-        await answer
-    assert backend.in_flight == 0
-    await wait_for(lambda: backend.state == "ready")
-    assert (await backend.completion(prompt())).usage.completion_tokens == 8  # type: ignore[union-attr]
+async def test_killed_mid_answer_names_the_signal(sig: signal.Signals) -> None:
+    # The model's whole context (1,024 tokens), so that the answer is still running when the
+    # kill lands: a 200-token one could finish first on a fast or a loaded machine (the
+    # "running" it waits for comes with a load report, up to 0.1 s late).
+    backend = tiny(num_blocks=256)
+    try:
+        await backend.completion(prompt())
+        pid = backend.pid
+        assert pid is not None
+        answer = asyncio.ensure_future(backend.completion(prompt(max_tokens=1000, ignore_eos=True)))
+        await wait_for(lambda: backend.load().running == 1)
+        os.kill(pid, sig)
+        with pytest.raises(WorkerDied, match=sig.name):
+            await answer
+        assert backend.in_flight == 0
+        await wait_for(lambda: backend.state == "ready")
+        assert (await backend.completion(prompt())).usage.completion_tokens == 8  # type: ignore[union-attr]
+    finally:
+        await backend.close()
 
 
 async def test_closing_a_stream_early_aborts_it_in_the_worker(backend: WorkerBackend) -> None:
