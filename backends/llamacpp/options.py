@@ -17,6 +17,6 @@ class LlamaCppOptions(BackendOptions, EmbeddingOptions):
     instances: int = Field(default=1, ge=1)  # Llama instances; each serves one request at a time
     max_queue: int = Field(default=16, ge=0)  # requests waiting for an instance; more get 503 + Retry-After
     n_ctx: int = Field(default=4096, ge=16)  # context window in tokens (prompt + completion)
-    n_threads: int | None = None  # default: every core
+    n_threads: int | None = None  # default: every CPU this process may use
     n_batch: int = 512
     n_gpu_layers: int = 0

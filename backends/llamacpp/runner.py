@@ -64,6 +64,17 @@ _PACK_TOKENS = 512  # measured: 238 tokens/s packed to 512, 132 packed to 4096 (
 Emit = Callable[[GenerationDelta | BaseException], None]
 
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's cpuset or `taskset`), the
+    default `n_threads`; os.cpu_count() counts the host's, and threads beyond the usable CPUs
+    make ggml's spinning barriers crawl."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class LlamaCppBackend(LocalBackend):
     """GGUF models on llama.cpp (CPU here; Metal or CUDA where llama-cpp-python was built so)."""
 
@@ -81,7 +92,7 @@ class LlamaCppBackend(LocalBackend):
         self.max_queue = opts.max_queue
         self._llama_args: dict[str, Any] = {
             "n_ctx": opts.n_ctx,
-            "n_threads": opts.n_threads or os.cpu_count() or 1,
+            "n_threads": opts.n_threads or usable_cpus(),
             "n_batch": opts.n_batch,
             "n_gpu_layers": opts.n_gpu_layers,
             "verbose": False,

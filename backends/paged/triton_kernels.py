@@ -13,8 +13,10 @@ row of `block_tables` names, in order.
   in one launch.
 
 An FP8 pool (`kv_cache_dtype: fp8`, float8_e4m3fn) is read by the same kernels: with KV_FP8
-each K and V tile is dequantized as it is loaded, fp8 -> float32, times the layer's scale, then
-to the query's dtype for the dot products (kv_cache.dequantize_kv, the torch path's reading).
+each K and V tile is only converted to the query's dtype as it is loaded (exact: every e4m3
+value is a bf16 value), and the layer's scales are applied once per score and per output row
+instead of per element: the K scale folds into the softmax scale, the V scale multiplies the
+normalized output. That equals kv_cache.dequantize_kv, the torch path's reading, up to rounding.
 
 This module imports triton at import time; callers import it only when CUDA is available.
 """
@@ -65,7 +67,7 @@ def _decode_kernel(
     TILE: tl.constexpr,  # tokens per iteration, a multiple of BLOCK_SIZE
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 caches (exact fp32 runs), else "tf32" (unused)
-    KV_FP8: tl.constexpr,  # the pool is float8_e4m3fn: dequantize each tile as it is loaded
+    KV_FP8: tl.constexpr,  # the pool is float8_e4m3fn: convert each tile as it is loaded, scale once
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -83,7 +85,7 @@ def _decode_kernel(
     gmask = offs_g < GROUP
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
     if KV_FP8:
-        k_scale = tl.load(KScale)
+        qk_scale = qk_scale * tl.load(KScale)
         v_scale = tl.load(VScale)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
@@ -100,7 +102,7 @@ def _decode_kernel(
             other=0.0,
         )
         if KV_FP8:
-            k = (k.to(tl.float32) * k_scale).to(Q.dtype.element_ty)
+            k = k.to(Q.dtype.element_ty)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE], log2 domain
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,13 +114,15 @@ def _decode_kernel(
             other=0.0,
         )
         if KV_FP8:
-            v = (v.to(tl.float32) * v_scale).to(Q.dtype.element_ty)
+            v = v.to(Q.dtype.element_ty)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
+    if KV_FP8:
+        out = out * v_scale
     lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
     tl.store(
         MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
@@ -275,7 +279,7 @@ def _prefill_kernel(
     q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mmask[:, None], other=0.0)
     qpos = prefix + offs_m  # absolute position of each query row
     if KV_FP8:
-        k_scale = tl.load(KScale)
+        qk_scale = qk_scale * tl.load(KScale)
         v_scale = tl.load(VScale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -294,7 +298,7 @@ def _prefill_kernel(
             other=0.0,
         )
         if KV_FP8:
-            k = (k.to(tl.float32) * k_scale).to(Q.dtype.element_ty)
+            k = k.to(Q.dtype.element_ty)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = (tok[None, :] <= qpos[:, None]) & nmask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -308,12 +312,14 @@ def _prefill_kernel(
             other=0.0,
         )
         if KV_FP8:
-            v = (v.to(tl.float32) * v_scale).to(Q.dtype.element_ty)
+            v = v.to(Q.dtype.element_ty)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     tl.store(
         Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),

@@ -120,14 +120,14 @@ class RequestStream:
     async def __anext__(self) -> GenerationDelta:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._next_item()
-        if type(item) is not m.Delta:
+        delta = await self._next_item()
+        if type(delta) is not GenerationDelta:
             self._end()
-            raise _as_error(item)
-        delta = item.delta
+            raise _as_error(delta)
         # Merged within one choice only, up to its finish.
-        while not delta.finish_reason and self._items and type(self._items[0]) is m.Delta and self._items[0].delta.index == delta.index:
-            delta = _merged(delta, self._items.popleft().delta)
+        items = self._items
+        while not delta.finish_reason and items and type(items[0]) is GenerationDelta and items[0].index == delta.index:
+            delta = _merged(delta, items.popleft())
         if delta.final:
             self._end()
         return delta
@@ -251,7 +251,16 @@ class WorkerPipe:
             frame = await self._from.recv(copy=False)
             for message in decode(frame.buffer):
                 kind = type(message)
-                if kind is m.Delta or kind is m.Started or kind is m.Failed or kind is m.Embedded:
+                if kind is m.StepDeltas:
+                    for rid, delta in zip(message.request_ids, message.deltas):  # type: ignore[union-attr]
+                        stream = streams.get(rid)
+                        if stream is not None:
+                            stream.put(delta)
+                elif kind is m.Delta:
+                    stream = streams.get(message.request_id)  # type: ignore[union-attr]
+                    if stream is not None:
+                        stream.put(message.delta)  # type: ignore[union-attr]
+                elif kind is m.Started or kind is m.Failed or kind is m.Embedded:
                     stream = streams.get(message.request_id)  # type: ignore[union-attr]
                     if stream is not None:
                         stream.put(message)

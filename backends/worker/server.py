@@ -170,23 +170,26 @@ class WorkerServer:
                 sock.send(data, copy=False)
 
     def deliver(self, items: list[tuple[Any, GenerationDelta | BaseException]]) -> None:
-        """A direct engine's step outputs, on its thread: one message per client for the whole step."""
-        batches: dict[str, list[Any]] = {}
+        """A direct engine's step outputs, on its thread: one message per client for the whole
+        step, its deltas in one `StepDeltas`."""
+        steps: dict[str, m.StepDeltas] = {}
+        others: dict[str, list[Any]] = {}  # failures, then a load report
         changed = False  # a request took its first blocks or gave them back: report load
-        client_of = self._client_of
+        client_of, fresh = self._client_of, self._fresh
         for rid, item in items:
             client = client_of.get(rid, OWNER)
-            batch = batches.get(client)
-            if batch is None:
-                batch = batches[client] = []
-            if isinstance(item, BaseException):
-                batch.append(_failed(rid, item, self.backend.name))
+            if type(item) is not GenerationDelta:
+                others.setdefault(client, []).append(_failed(rid, item, self.backend.name))
                 self._end_direct(rid)
                 changed = True
                 continue
-            batch.append(m.Delta(rid, item))
-            if rid in self._fresh:
-                self._fresh.discard(rid)
+            step = steps.get(client)
+            if step is None:
+                step = steps[client] = m.StepDeltas([], [])
+            step.request_ids.append(rid)
+            step.deltas.append(item)
+            if rid in fresh:
+                fresh.discard(rid)
                 changed = True
             if item.final:
                 self._end_direct(rid)
@@ -194,9 +197,10 @@ class WorkerServer:
         if changed:
             load = self.load_message()
             for client in list(self._clients):
-                batches.setdefault(client, []).append(load)
-        for client, batch in batches.items():
-            self._send_now(client, batch)
+                others.setdefault(client, []).append(load)
+        for client in steps.keys() | others.keys():
+            step = steps.get(client)
+            self._send_now(client, ([step] if step is not None else []) + others.get(client, []))
 
     def _end_direct(self, rid: str) -> None:
         self._in_engine.discard(rid)

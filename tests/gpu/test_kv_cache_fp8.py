@@ -136,7 +136,7 @@ def test_prefill_over_an_fp8_pool_matches_reference(head_dim: int, group: int, b
     plan = [(0, 1), (0, 37), (16, 16), (100, 200), (0, 300), (513, 7), (64, 129)]  # (cached prefix, new tokens)
     lens = [p + n for p, n in plan]
     k, v, tables = make_cache(lens, kvh, head_dim, block_size, torch.bfloat16, gen)
-    k8, v8, ks, vs = fp8_pools(k, v, 1.0, 0.25)
+    k8, v8, ks, vs = fp8_pools(k, v, 0.5, 0.25)
     kd, vd = dequantize_kv(k8, ks, torch.float32), dequantize_kv(v8, vs, torch.float32)
     qlens = [n for _, n in plan]
     starts = [0]

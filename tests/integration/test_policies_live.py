@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,10 @@ from tests.conftest import REPO, Server, llamacpp_config, start_server
 pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "admin-secret-for-tests"
+# Two llama.cpp runners generate at once here (the gateway's own and the node's); each would
+# take every CPU by default. On a 16-core host, 32 threads spinning at ggml's barriers on 16
+# CPUs made 200 one-token requests take over 150 s: each gets half.
+THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
 ONE_TOKEN = {"prompt": "Hello", "max_tokens": 1, "temperature": 0}
 
 
@@ -32,7 +37,7 @@ def gateway_config(model_path: Path, node: Server, sample_log: Path) -> dict:
         "circuit": {"failures": 2, "window_s": 30, "cooldown_s": 5},
         "backends": [
             {"name": "local", "kind": "llamacpp", "model": str(model_path), "weight": 3,
-             "options": {"n_ctx": 1024, "max_queue": 64}},
+             "options": {"n_ctx": 1024, "max_queue": 64, "n_threads": THREADS}},
             {"name": "node", "kind": "remote", "model": "smollm2-135m", "url": node.base_url, "weight": 1},
         ],
         "routes": [
@@ -55,7 +60,7 @@ def gateway_config(model_path: Path, node: Server, sample_log: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def node(model_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(llamacpp_config(model_path, n_ctx=1024, max_queue=64), tmp_path_factory.mktemp("node"))
+    server = start_server(llamacpp_config(model_path, n_ctx=1024, max_queue=64, n_threads=THREADS), tmp_path_factory.mktemp("node"))
     yield server
     server.stop()
 

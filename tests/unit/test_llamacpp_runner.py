@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -115,3 +117,15 @@ async def test_cancelling_several_choices_frees_the_instance(backend: LlamaCppBa
         await asyncio.sleep(0.01)
     assert backend.load().running == 0
     assert choices(await deltas(backend, max_tokens=2, temperature=0))  # and it serves again
+
+
+def test_default_threads_are_the_cpus_this_process_may_use() -> None:
+    """Not the host's count: a container's cpuset (here, an affinity of one CPU) bounds it, so
+    that ggml's spinning threads never outnumber the CPUs they may run on."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from backends.llamacpp.runner import LlamaCppBackend; "
+        "print(LlamaCppBackend('b', 'unused.gguf')._llama_args['n_threads'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "1"

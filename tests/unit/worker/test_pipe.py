@@ -64,11 +64,11 @@ async def test_queued_deltas_merge_and_the_stream_ends_once() -> None:
     stream.put(m.Started("r", 3))
     await stream.started()
     for i, text in enumerate(["a", "b", "c"]):
-        stream.put(m.Delta("r", GenerationDelta(text, [i])))
+        stream.put(GenerationDelta(text, [i]))
     first = await anext(stream)
     assert (first.text, first.token_ids, first.finish_reason) == ("abc", [0, 1, 2], None)
-    stream.put(m.Delta("r", GenerationDelta("d", [3])))
-    stream.put(m.Delta("r", GenerationDelta("", [], "stop", final=True)))
+    stream.put(GenerationDelta("d", [3]))
+    stream.put(GenerationDelta("", [], "stop", final=True))
     last = await anext(stream)
     assert (last.text, last.finish_reason) == ("d", "stop")
     with pytest.raises(StopAsyncIteration):
@@ -90,7 +90,7 @@ async def test_choices_merge_apart_and_the_stream_ends_at_the_final_delta() -> N
         GenerationDelta("", [], "stop", index=0),  # choice 0 ends: the request goes on
         GenerationDelta("y", [4], "length", index=1, final=True),
     ):
-        stream.put(m.Delta("r", delta))
+        stream.put(delta)
     got = [(d.index, d.text, d.finish_reason) async for d in stream]
     assert got == [(0, "ab", None), (1, "x", None), (0, "", "stop"), (1, "y", "length")]
 
@@ -100,7 +100,7 @@ async def test_an_error_after_deltas_is_not_swallowed_by_merging() -> None:
     stream = RequestStream(worker, "r", lambda: None)  # type: ignore[arg-type]
     stream.put(m.Started("r", 3))
     await stream.started()
-    stream.put(m.Delta("r", GenerationDelta("a", [1])))
+    stream.put(GenerationDelta("a", [1]))
     stream.put(WorkerDied("backend 'x': its engine worker died (SIGKILL)"))
     assert (await anext(stream)).text == "a"
     with pytest.raises(WorkerDied):
