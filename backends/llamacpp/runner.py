@@ -64,7 +64,6 @@ _PACK_TOKENS = 512  # measured: 238 tokens/s packed to 512, 132 packed to 4096 (
 Emit = Callable[[GenerationDelta | BaseException], None]
 
 
-
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity: a container's cpuset or `taskset`), the
     default `n_threads`; os.cpu_count() counts the host's, and threads beyond the usable CPUs
